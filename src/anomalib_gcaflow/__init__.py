@@ -1,0 +1,7 @@
+"""GCAFlow for anomalib: multi-scale normalizing flow with global context-aware channel attention."""
+
+from anomalib_gcaflow.flow import MultiScaleFlow
+from anomalib_gcaflow.lightning_model import GCAFlow
+from anomalib_gcaflow.torch_model import GCAFlowModel
+
+__all__ = ["GCAFlow", "GCAFlowModel", "MultiScaleFlow"]

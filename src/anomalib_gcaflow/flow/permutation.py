@@ -1,0 +1,53 @@
+"""Fixed random channel permutation (FrEIA's ``PermuteRandom``): log-det 0, exact inverse by gathering."""
+
+from collections.abc import Sequence
+
+import torch
+from FrEIA.modules import InvertibleModule
+
+
+class ChannelPermutation(InvertibleModule):
+    """Shuffle channels with a permutation drawn once from torch's global RNG and saved in the state dict.
+
+    Args:
+        channels (int): Number of channels of the single input.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__([(channels,)])
+        permutation = torch.randperm(channels)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse", torch.argsort(permutation))
+
+    def forward(
+        self,
+        x: Sequence[torch.Tensor],
+        c: Sequence[torch.Tensor] | None = None,
+        rev: bool = False,
+        jac: bool = True,
+    ) -> tuple[tuple[torch.Tensor], float]:
+        """Permute (or, with ``rev``, un-permute) the channels.
+
+        Args:
+            x (Sequence[torch.Tensor]): One tensor ``(B, C, ...)``.
+            c (Sequence[torch.Tensor] | None, optional): Unused; a permutation takes no condition.
+            rev (bool, optional): Apply the inverse permutation. Defaults to ``False``.
+            jac (bool, optional): Unused; the log-determinant of a permutation is 0. Defaults to ``True``.
+
+        Returns:
+            tuple[tuple[torch.Tensor], float]: The permuted tensor and a log-determinant of 0.
+        """
+        del c, jac
+        index = self.inverse if rev else self.permutation
+        return (x[0][:, index],), 0.0
+
+    def output_dims(self, input_dims: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Return the unchanged dims.
+
+        Args:
+            input_dims (list[tuple[int, ...]]): Dims of the input.
+
+        Returns:
+            list[tuple[int, ...]]: The same dims.
+        """
+        return input_dims

@@ -1,0 +1,102 @@
+"""Convolution over ``[x; positional encoding]`` with the encoding's share folded out of the per-image work.
+
+A convolution is linear in its input channels, so ``conv([x; PE]) = conv_x(x) + conv_PE(PE)``, and with zero
+padding this holds at the border too. ``conv_PE(PE)`` depends on the weights and the feature-map size only, never
+on the image: it is computed once per forward (and reused across forwards while the weights do not change and no
+gradient is needed) instead of once per image as 64 extra input channels.
+"""
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from anomalib_gcaflow.flow.positional import positional_encoding_2d
+
+
+class PositionalConv2d(nn.Module):
+    """A ``kernel_size`` x ``kernel_size`` convolution whose input is ``x`` concatenated with a 2-D positional code.
+
+    Args:
+        in_channels (int): Channels of ``x`` (the positional code is added on top of these).
+        out_channels (int): Output channels.
+        kernel_size (int): Odd spatial kernel size; padding keeps the spatial size.
+        pos_channels (int): Channels of the positional encoding; a positive multiple of 4.
+        fold_positional (bool, optional): Compute the encoding's response once per forward instead of
+            concatenating the encoding to every image. Both give the same result to float rounding.
+            Defaults to ``True``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        pos_channels: int,
+        fold_positional: bool = True,
+    ) -> None:
+        super().__init__()
+        # One conv over in_channels + pos_channels inputs, stored as its two column blocks so that neither
+        # forward path needs to slice (and copy) the weight.
+        conv = nn.Conv2d(in_channels + pos_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.weight_x = nn.Parameter(conv.weight.detach()[:, :in_channels].clone())
+        self.weight_pos = nn.Parameter(conv.weight.detach()[:, in_channels:].clone())
+        self.bias = nn.Parameter(conv.bias.detach().clone())
+        self.pos_channels = pos_channels
+        self.padding = kernel_size // 2
+        self.fold_positional = fold_positional
+        self._cached_response: tuple[tuple, torch.Tensor] | None = None
+
+    def positional_encoding(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the ``(1, pos_channels, H, W)`` encoding matching ``x``'s spatial size, device and dtype.
+
+        Args:
+            x (torch.Tensor): Input batch ``(B, C, H, W)``.
+
+        Returns:
+            torch.Tensor: The positional encoding with a batch axis of one.
+        """
+        height, width = x.shape[-2:]
+        return positional_encoding_2d(self.pos_channels, height, width, x.device, x.dtype)[None]
+
+    def positional_response(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``conv_PE(PE) + bias`` for ``x``'s size: the part of the output shared by every image.
+
+        Args:
+            x (torch.Tensor): Input batch ``(B, C, H, W)``; only its size, device and dtype are used.
+
+        Returns:
+            torch.Tensor: Tensor of shape ``(1, out_channels, H, W)``.
+        """
+        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _is_exporting()
+        key = (
+            tuple(x.shape[-2:]),
+            x.device,
+            x.dtype,
+            self.weight_pos._version,  # noqa: SLF001 - in-place updates (optimiser, load_state_dict) bump it
+            self.bias._version,  # noqa: SLF001
+        )
+        if reusable and self._cached_response is not None and self._cached_response[0] == key:
+            return self._cached_response[1]
+        response = F.conv2d(self.positional_encoding(x), self.weight_pos, self.bias, padding=self.padding)
+        self._cached_response = (key, response) if reusable else None
+        return response
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``[x; PE]``.
+
+        Args:
+            x (torch.Tensor): Input batch ``(B, in_channels, H, W)``.
+
+        Returns:
+            torch.Tensor: Output ``(B, out_channels, H, W)``.
+        """
+        if self.fold_positional:
+            return F.conv2d(x, self.weight_x, None, padding=self.padding) + self.positional_response(x)
+        encoding = self.positional_encoding(x).expand(x.shape[0], -1, -1, -1)
+        weight = torch.cat((self.weight_x, self.weight_pos), dim=1)
+        return F.conv2d(torch.cat((x, encoding), dim=1), weight, self.bias, padding=self.padding)
+
+
+def _is_exporting() -> bool:
+    """Tell whether a graph is being traced for export, where a cached tensor must not leak into the graph."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()

