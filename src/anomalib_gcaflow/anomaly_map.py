@@ -71,9 +71,12 @@ class AnomalyMapGenerator(nn.Module):
             additive = additive + _upsample(likelihood, size)
             log_product = log_product + _upsample(log_likelihood, size)
         anomaly_map = additive.amax(dim=(2, 3), keepdim=True) - additive
-        multiplicative_map = 1.0 - torch.exp(log_product - log_product.amax(dim=(2, 3), keepdim=True))
+        # In fp32, 1 - exp(-d) rounds to exactly 1 for d > ~17 nats, so a weakly trained model would give many
+        # images the same score of 1.0; fp64 keeps them apart up to ~36 nats.
+        log_product = log_product.double()
+        multiplicative_map = -torch.expm1(log_product - log_product.amax(dim=(2, 3), keepdim=True))
         top = multiplicative_map.flatten(1).topk(self.num_top_pixels(size), dim=1).values
-        return anomaly_map, top.mean(dim=1), multiplicative_map
+        return anomaly_map, top.mean(dim=1).float(), multiplicative_map.float()
 
 
 def _upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -182,8 +182,10 @@ class GCAFlow(AnomalibModule):
         del args, kwargs
         latents, log_det = self.model(batch.image)
         loss = self.loss(latents, log_det)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, logger=True)
-        self.log("train_nll_per_dim", self.loss.per_dimension(loss.detach(), latents), on_epoch=True, prog_bar=True)
+        batch_size = batch.image.shape[0]
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        nll_per_dim = self.loss.per_dimension(loss.detach(), latents)
+        self.log("train_nll_per_dim", nll_per_dim, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return {"loss": loss}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
