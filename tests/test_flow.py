@@ -49,6 +49,17 @@ def _jacobian_log_det(function, inputs: list[torch.Tensor]) -> float:
     return log_abs_det.item()
 
 
+def _assert_exact(module, inputs: list[torch.Tensor]) -> None:
+    """``module`` (FrEIA contract) inverts to 1e-8 and its log-det equals the autograd Jacobian's to 1e-8."""
+    outputs, log_det = module(inputs)
+    restored, reverse_log_det = module(list(outputs), rev=True)
+    for x, x_restored in zip(inputs, restored):
+        assert torch.allclose(x, x_restored, atol=1e-8, rtol=0)
+    assert torch.allclose(log_det, -reverse_log_det, atol=1e-8, rtol=0)
+    assert _jacobian_log_det(lambda xs: list(module(xs)[0]), inputs) == pytest.approx(log_det[0].item(), abs=1e-8)
+    assert abs(log_det[0].item()) > 1e-3  # a log-det of ~0 would make the comparison vacuous
+
+
 @pytest.mark.parametrize(("attention", "subnet"), [("gca", "hierarchical"), ("se", "msflow"), ("eca", "hierarchical")])
 def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(attention: str, subnet: str) -> None:
     torch.manual_seed(0)
@@ -56,39 +67,20 @@ def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(attention: str
         MultiScaleFlow((4, 4, 4), depths=(2, 2, 3), kernel_size=3, expansion=2, attention=attention, subnet=subnet,
                        pos_embed_dim=4),
     ).double()
-    inputs = _tiny_inputs()
-    latents, log_det = flow(inputs)
-    restored, reverse_log_det = flow(latents, rev=True)
-    for x, x_restored in zip(inputs, restored):
-        assert torch.allclose(x, x_restored, atol=1e-8, rtol=0)
-    assert torch.allclose(log_det, -reverse_log_det, atol=1e-8, rtol=0)
-    jacobian_log_det = _jacobian_log_det(lambda xs: flow(xs)[0], inputs)
-    assert jacobian_log_det == pytest.approx(log_det[0].item(), abs=1e-8)
-    assert abs(log_det[0].item()) > 1e-3  # a log-det of ~0 would make the comparison vacuous
+    _assert_exact(flow, _tiny_inputs())
 
 
 def test_fusion_flow_with_gca_has_exact_inverse_and_log_det() -> None:
     torch.manual_seed(0)
     fusion = _perturb(FusionAttnFlow((4, 4, 4), attention="gca")).double()
-    inputs = _tiny_inputs()
-    outputs, log_det = fusion(inputs)
-    restored, reverse_log_det = fusion(outputs, rev=True)
-    for x, x_restored in zip(inputs, restored):
-        assert torch.allclose(x, x_restored, atol=1e-8, rtol=0)
-    assert torch.allclose(log_det, -reverse_log_det, atol=1e-8, rtol=0)
-    assert _jacobian_log_det(lambda xs: list(fusion(xs)[0]), inputs) == pytest.approx(log_det[0].item(), abs=1e-8)
+    _assert_exact(fusion, _tiny_inputs())
 
 
 def test_single_hflow_block_is_exact() -> None:
     torch.manual_seed(0)
     block = _perturb(HFlowBlock(4, lambda c_in, c_out: HierarchicalSubnet(c_in, c_out, pos_channels=4, kernel_size=3)))
     block = block.double()
-    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
-    (y,), log_det = block((x,))
-    (x_restored,), reverse_log_det = block((y,), rev=True)
-    assert torch.allclose(x, x_restored, atol=1e-8, rtol=0)
-    assert torch.allclose(log_det, -reverse_log_det, atol=1e-8, rtol=0)
-    assert _jacobian_log_det(lambda xs: [block((xs[0],))[0][0]], [x]) == pytest.approx(log_det[0].item(), abs=1e-8)
+    _assert_exact(block, [torch.randn(2, 4, 3, 3, dtype=torch.float64)])
 
 
 def test_hflow_block_matches_anomalib_all_in_one_block_numerics() -> None:

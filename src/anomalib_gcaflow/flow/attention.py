@@ -26,12 +26,11 @@ def eca_kernel_size(channels: int, gamma: int = 2, beta: int = 1) -> int:
     return size if size % 2 else size + 1
 
 
-class GlobalContextAttention(nn.Module):
-    """GCA: softmax spatial pooling into one global context vector, ECA-style 1-D conv across it, sigmoid gate.
+class EfficientChannelAttention(nn.Module):
+    """ECA: pool each channel to one value, mix neighbouring channels with a bias-free 1-D conv, sigmoid gate.
 
-    Steps: a 1x1 conv gives one logit per position; a softmax over all H*W positions turns them into attention
-    weights; the context is the attention-weighted sum of every channel; a bias-free 1-D convolution of size
-    psi(C) lets neighbouring channels interact; its sigmoid reweights the input's channels.
+    The 1-D kernel has size psi(C), so channel interaction grows with the width without a bottleneck. ECA pools
+    by a plain spatial mean; :class:`GlobalContextAttention` replaces only the pooling.
 
     Args:
         channels (int): Number of input channels C.
@@ -40,8 +39,18 @@ class GlobalContextAttention(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         kernel_size = eca_kernel_size(channels)
-        self.context_logits = nn.Conv2d(channels, 1, kernel_size=1)
         self.channel_mixing = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Summarise every channel of ``x`` ``(B, C, H, W)`` by one value, ``(B, C)``.
+
+        Args:
+            x (torch.Tensor): Input batch.
+
+        Returns:
+            torch.Tensor: The spatial mean per channel.
+        """
+        return x.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reweight the channels of ``x``.
@@ -53,36 +62,36 @@ class GlobalContextAttention(nn.Module):
             torch.Tensor: ``x`` times per-image, per-channel weights in ``(0, 1)``.
         """
         batch, channels = x.shape[:2]
-        weights = self.context_logits(x).flatten(1).softmax(dim=-1)  # (B, HW)
-        context = torch.bmm(x.flatten(2), weights.unsqueeze(-1))  # (B, C, 1)
-        gate = self.channel_mixing(context.transpose(1, 2)).sigmoid()  # (B, 1, C)
+        gate = self.channel_mixing(self.pool(x).unsqueeze(1)).sigmoid()  # (B, 1, C)
         return x * gate.view(batch, channels, 1, 1)
 
 
-class EfficientChannelAttention(nn.Module):
-    """ECA: global average pooling, a bias-free 1-D conv of size psi(C) across channels, sigmoid gate.
+class GlobalContextAttention(EfficientChannelAttention):
+    """GCA: ECA whose per-channel summary is a global context gathered by softmax spatial attention.
+
+    A 1x1 conv gives one logit per position, a softmax over all H*W positions turns them into attention
+    weights, and each channel's context is its attention-weighted sum (GCNet's context block). The ECA 1-D conv
+    of size psi(C) and the sigmoid gate then reweight the input's channels.
 
     Args:
         channels (int): Number of input channels C.
     """
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        kernel_size = eca_kernel_size(channels)
-        self.channel_mixing = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        super().__init__(channels)
+        self.context_logits = nn.Conv2d(channels, 1, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reweight the channels of ``x``.
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted sum of every channel over all positions.
 
         Args:
             x (torch.Tensor): Input ``(B, C, H, W)``.
 
         Returns:
-            torch.Tensor: ``x`` times per-image, per-channel weights in ``(0, 1)``.
+            torch.Tensor: Context ``(B, C)``.
         """
-        batch, channels = x.shape[:2]
-        context = x.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
-        return x * self.channel_mixing(context).sigmoid().view(batch, channels, 1, 1)
+        weights = self.context_logits(x).flatten(1).softmax(dim=-1)  # (B, HW)
+        return torch.bmm(x.flatten(2), weights.unsqueeze(-1)).squeeze(-1)
 
 
 class SqueezeExcitation(nn.Module):

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from FrEIA.modules import InvertibleModule
 from torch import nn
 
 from anomalib_gcaflow.flow.attention import build_channel_attention
+from anomalib_gcaflow.flow.invertible import ShapePreservingModule
 from anomalib_gcaflow.flow.norm import ChannelLayerNorm
 from anomalib_gcaflow.flow.reduction import sum_per_sample
 
@@ -69,7 +69,7 @@ class FusionSubnet(nn.Module):
         return params
 
 
-class FusionAttnFlow(InvertibleModule):
+class FusionAttnFlow(ShapePreservingModule):
     """One double affine coupling over all scales, with channel attention in its subnets.
 
     Each input z_i is split into halves (p_i, q_i). Forward: p'_i = p_i * exp(sigma(s_i(q))) + t_i(q), then
@@ -143,14 +143,3 @@ class FusionAttnFlow(InvertibleModule):
             first, log_det_p = self._couple(first, self.subnet_p(second), rev=True)
             outputs = tuple(torch.cat(halves, dim=1) for halves in zip(first, second, strict=True))
         return outputs, log_det_p + log_det_q
-
-    def output_dims(self, input_dims: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        """Return the unchanged dims.
-
-        Args:
-            input_dims (list[tuple[int, ...]]): Dims of the inputs.
-
-        Returns:
-            list[tuple[int, ...]]: The same dims.
-        """
-        return input_dims

@@ -4,19 +4,19 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-from FrEIA.modules import InvertibleModule
 from torch import nn
 
 from anomalib_gcaflow.flow.attention import ATTENTIONS
 from anomalib_gcaflow.flow.fusion import FusionAttnFlow
 from anomalib_gcaflow.flow.hflow import HFlowBlock
+from anomalib_gcaflow.flow.invertible import ShapePreservingModule
 from anomalib_gcaflow.flow.permutation import ChannelPermutation
 from anomalib_gcaflow.flow.subnets import ACTIVATIONS, HierarchicalSubnet, MSFlowSubnet
 
 SUBNETS = ("hierarchical", "msflow")
 
 
-class MultiScaleFlow(InvertibleModule):
+class MultiScaleFlow(ShapePreservingModule):
     """The whole GCAFlow normalizing flow, usable without any backbone.
 
     ``flow(features) -> (latents, log_det)`` and ``flow(latents, rev=True) -> (features, -log_det)``, with one
@@ -132,17 +132,6 @@ class MultiScaleFlow(InvertibleModule):
         if len({t.shape[0] for t in x}) != 1:
             msg = f"all scales must share the batch size, got shapes {shapes}"
             raise ValueError(msg)
-
-    def output_dims(self, input_dims: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        """Return the unchanged dims.
-
-        Args:
-            input_dims (list[tuple[int, ...]]): Dims of the inputs.
-
-        Returns:
-            list[tuple[int, ...]]: The same dims.
-        """
-        return input_dims
 
 
 def _validate(

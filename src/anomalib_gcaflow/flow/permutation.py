@@ -3,10 +3,11 @@
 from collections.abc import Sequence
 
 import torch
-from FrEIA.modules import InvertibleModule
+
+from anomalib_gcaflow.flow.invertible import ShapePreservingModule
 
 
-class ChannelPermutation(InvertibleModule):
+class ChannelPermutation(ShapePreservingModule):
     """Shuffle channels with a permutation drawn once from torch's global RNG and saved in the state dict.
 
     Args:
@@ -40,14 +41,3 @@ class ChannelPermutation(InvertibleModule):
         del c, jac
         index = self.inverse if rev else self.permutation
         return (x[0][:, index],), 0.0
-
-    def output_dims(self, input_dims: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        """Return the unchanged dims.
-
-        Args:
-            input_dims (list[tuple[int, ...]]): Dims of the input.
-
-        Returns:
-            list[tuple[int, ...]]: The same dims.
-        """
-        return input_dims
