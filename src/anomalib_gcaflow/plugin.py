@@ -30,7 +30,7 @@ def register() -> type:
     import anomalib.models
     from anomalib.models.components import AnomalibModule
 
-    from anomalib_gcaflow_hook import alias_data_modules
+    from anomalib_gcaflow_hook_impl import alias_data_modules
 
     alias_data_modules(anomalib.data)
 

@@ -1,0 +1,111 @@
+"""What the anomalib-gcaflow start-up hook does once a watched module has been imported (see docs/plugin.md).
+
+:mod:`anomalib_gcaflow_hook` (imported at start-up by ``anomalib_gcaflow_plugin.pth``) calls
+:func:`on_imported` after each of these modules has finished executing:
+
+* ``anomalib.data``    -> :func:`alias_data_modules` (``anomalib.data.MVTec``); touches ``anomalib.data`` only,
+  so it is safe while ``anomalib.models`` is still half-imported (``anomalib.models`` imports
+  ``anomalib.data`` on its way);
+* ``anomalib.models``  -> :func:`register_models` -> ``anomalib_gcaflow.plugin.register()``
+  (``anomalib.models.GCAFlow``);
+* ``anomalib_gcaflow`` -> the same, for processes that import the package first: the package pulls in
+  ``anomalib.models`` half-way through its own import, when registering would be circular.
+
+This module is stdlib-only as well (a top-level module, not part of the ``anomalib_gcaflow`` package, whose
+``__init__`` imports torch and anomalib). Failures never break the host import: one line goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import anomalib_gcaflow_hook as hook
+
+#: bare names added to ``anomalib.data`` -> the anomalib 2.7 class they stand for
+DATA_ALIASES = {"MVTec": "MVTecAD"}
+
+_alias_markers: list[type] = []  # strong references: ``__subclasses__`` only holds weak ones
+_registering = False
+_models_state: str | None = None  # None: not yet; "ok": registered; "failed": warned once, never retried
+
+
+def on_imported(module) -> None:  # noqa: ANN001
+    """Dispatch for :data:`anomalib_gcaflow_hook.WATCHED`."""
+    if module.__name__ == "anomalib.data":
+        alias_data_modules(module)
+    else:
+        register_models()
+
+
+def alias_data_modules(data_module) -> None:  # noqa: ANN001
+    """Make ``MVTec`` an alias of ``MVTecAD`` for ``get_datamodule`` and for the CLI's ``--data MVTec``.
+
+    ``anomalib.data.MVTec`` is set to ``MVTecAD`` itself (``get_datamodule({"class_path": "MVTec"})`` looks the
+    name up as an attribute). jsonargparse resolves a bare ``--data X`` only among the *names of imported
+    subclasses*, so a marker subclass named ``MVTec`` whose import path is ``anomalib.data.MVTec`` is created
+    too: the parsed config says ``class_path: anomalib.data.MVTec``, and importing that path gives ``MVTecAD``,
+    so the instantiated datamodule IS an ``MVTecAD`` (results under ``<Model>/MVTecAD/<category>``, exactly as
+    with ``--data MVTecAD``). Calling the marker directly also returns an ``MVTecAD``. Idempotent; does nothing
+    if anomalib itself defines ``MVTec`` again.
+    """
+    for alias, target_name in DATA_ALIASES.items():
+        target = getattr(data_module, target_name, None)
+        if target is None or hasattr(data_module, alias):  # unknown anomalib, or anomalib has the name itself
+            continue
+        marker = type(
+            alias,
+            (target,),
+            {
+                "__module__": data_module.__name__,
+                "__qualname__": alias,
+                "__doc__": f"Alias of :class:`{data_module.__name__}.{target_name}` (added by anomalib-gcaflow).",
+                "__new__": _alias_new(target),
+            },
+        )
+        setattr(data_module, alias, target)
+        _alias_markers.append(marker)
+        names = getattr(data_module, "__all__", None)
+        if isinstance(names, list) and alias not in names:
+            names.append(alias)
+
+
+class LoaderProxy:
+    """Stands in for a loader that refuses the hook's instance attribute: delegates all but ``exec_module``."""
+
+    def __init__(self, loader, exec_module) -> None:  # noqa: ANN001
+        self._loader = loader
+        self.exec_module = exec_module
+
+    def create_module(self, spec):  # noqa: ANN001, ANN201
+        create = getattr(self._loader, "create_module", None)
+        return None if create is None else create(spec)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._loader, name)
+
+
+def _alias_new(target: type):  # noqa: ANN202
+    def __new__(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202, ARG001, N807
+        return target(*args, **kwargs)
+
+    return staticmethod(__new__)
+
+
+def register_models() -> None:
+    """Run ``anomalib_gcaflow.plugin.register()`` once ``anomalib.models`` and the package are both importable."""
+    global _registering, _models_state  # noqa: PLW0603
+    if _models_state == "failed" or _registering or not hook.loaded("anomalib.models"):
+        return
+    if "anomalib_gcaflow" in sys.modules and not hook.loaded("anomalib_gcaflow"):
+        return  # the package is mid-import: its own post-import callback comes back here
+    _registering = True
+    try:
+        from anomalib_gcaflow.plugin import register
+
+        register()  # idempotent: also cheap again after importlib.reload(anomalib.models)
+        _models_state = "ok"
+    except Exception as exc:  # noqa: BLE001 - never break ``import anomalib.models``
+        _models_state = "failed"
+        hook.warn("registering GCAFlow with anomalib", exc)
+    finally:
+        _registering = False
