@@ -5,6 +5,7 @@ Industrial Anomaly Detection", Sensors 2025. Training recipe: MSFlow's (Adam 1e-
 decay, gradient-norm clipping at 2).
 """
 
+import logging
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -17,16 +18,27 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.optim.lr_scheduler import LambdaLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_gcaflow.backbones import backbone_normalization
+from anomalib_gcaflow.callbacks import DataCheck, DistributedEvaluation, LastEpochCheckpoint
+from anomalib_gcaflow.feature_cache import (
+    DEFAULT_CACHE_BYTES,
+    FeatureCache,
+    feature_fingerprint,
+    is_deterministic,
+    training_transforms,
+)
 from anomalib_gcaflow.loss import GCAFlowLoss
 from anomalib_gcaflow.schedule import warmup_step_factor
 from anomalib_gcaflow.torch_model import GCAFlowModel
 
 PAPER_IMAGE_SIZE = (512, 512)
+
+logger = logging.getLogger(__name__)
 
 
 class GCAFlow(AnomalibModule):
@@ -63,6 +75,13 @@ class GCAFlow(AnomalibModule):
             ``gradient_clip_val`` of its own. Defaults to 2.0.
         fold_positional (bool, optional): Fold the positional encoding's convolution (exact, faster).
             Defaults to ``True``.
+        cache_features (bool, optional): Compute each training image's backbone features once and reuse them in
+            later epochs (same results, less work). Turned off automatically for a fit whose training
+            transforms are random. Defaults to ``True``.
+        feature_cache_bytes (int, optional): CPU memory the feature cache may use; further images spill to a
+            temporary folder. Defaults to 2 GiB.
+        compile_flow (bool, optional): Run the flow through ``torch.compile`` inside trainer runs (the first
+            batches pay the compilation). Defaults to ``False``.
         pre_processor (PreProcessor | bool, optional): Pre-processor, or ``True`` for resize + the backbone's own
             normalisation. Defaults to ``True``.
         post_processor (PostProcessor | bool, optional): Post-processor. Defaults to ``True``.
@@ -93,6 +112,9 @@ class GCAFlow(AnomalibModule):
         max_epochs: int | None = 100,
         grad_clip_norm: float = 2.0,
         fold_positional: bool = True,
+        cache_features: bool = True,
+        feature_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        compile_flow: bool = False,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -124,6 +146,9 @@ class GCAFlow(AnomalibModule):
             top_k=top_k,
         )
         self.loss = GCAFlowLoss()
+        # A plain attribute, not a buffer: cached features never reach a checkpoint or an export.
+        self.feature_cache = FeatureCache(feature_cache_bytes) if cache_features else None
+        self._use_feature_cache = False
 
     @classmethod
     def configure_pre_processor(
@@ -180,7 +205,7 @@ class GCAFlow(AnomalibModule):
             STEP_OUTPUT: ``{"loss": loss}``.
         """
         del args, kwargs
-        latents, log_det = self.model(batch.image)
+        latents, log_det = self.model(batch.image, features=self._cached_features(batch))
         loss = self.loss(latents, log_det)
         batch_size = batch.image.shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
@@ -237,6 +262,99 @@ class GCAFlow(AnomalibModule):
         if gradient_clip_val is None:
             gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _cached_features(self, batch: Batch) -> list[torch.Tensor] | None:
+        """Serve the batch's features from the cache, or ``None`` to let the model run its backbone.
+
+        Args:
+            batch (Batch): The pre-processed training batch.
+
+        Returns:
+            list[torch.Tensor] | None: Pooled features per scale, or ``None`` when the cache is off or the batch
+            carries no image paths to key it by.
+        """
+        if not self._use_feature_cache or batch.image_path is None:
+            return None
+        height, width = batch.image.shape[-2:]
+        keys = [f"{path}@{height}x{width}" for path in batch.image_path]
+        return self.feature_cache.features(keys, batch.image, self.model.extract_features)
+
+    def on_train_start(self) -> None:
+        """Switch the feature cache on for this fit unless a training transform is random, and validate it."""
+        self._use_feature_cache = False
+        if self.feature_cache is None:
+            return
+        transforms = training_transforms(self.trainer)
+        if self.pre_processor is not None and self.pre_processor.transform is not None:
+            transforms.append(self.pre_processor.transform)
+        random = [transform for transform in transforms if not is_deterministic(transform)]
+        if random:
+            logger.info(
+                "GCAFlow feature cache off for this fit: training transforms %s change an image's features from "
+                "epoch to epoch.",
+                random,
+            )
+            self.feature_cache.clear()
+            return
+        fingerprint = feature_fingerprint(
+            self.model.feature_extractor,
+            self.model.pool,
+            transforms,
+            str(self.trainer.precision),
+        )
+        if self.feature_cache.bind(fingerprint):
+            logger.info("GCAFlow feature cache emptied: backbone, input size or pre-processing changed.")
+        self._use_feature_cache = True
+
+    def on_train_end(self) -> None:
+        """Free the cached features: evaluation and export never read them."""
+        if self.feature_cache is not None and self._use_feature_cache:
+            cache = self.feature_cache
+            logger.info(
+                "GCAFlow feature cache: %d images (%.1f MB in memory, %d on disk), %d hits, %d misses.",
+                len(cache),
+                cache.memory_bytes / 1e6,
+                cache.disk_entries,
+                cache.hits,
+                cache.misses,
+            )
+            cache.clear()
+        self._use_feature_cache = False
+
+    def setup(self, stage: str) -> None:
+        """Compile the flow for this trainer run when ``compile_flow`` is set.
+
+        Args:
+            stage (str): ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
+        """
+        del stage
+        if self.hparams.compile_flow:
+            self.model.flow.compile()
+
+    def teardown(self, stage: str) -> None:
+        """Undo :meth:`setup`'s compilation, so exports and plain calls trace the eager flow.
+
+        Args:
+            stage (str): ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
+        """
+        del stage
+        if self.hparams.compile_flow:
+            # nn.Module.compile() has no public inverse; clearing the compiled call restores the eager forward.
+            self.model.flow._compiled_call_impl = None  # noqa: SLF001
+
+    def configure_callbacks(self) -> list[Callback]:
+        """anomalib's component callbacks, plus GCAFlow's guards for long runs.
+
+        ``DataCheck`` reads every data file before training; ``LastEpochCheckpoint`` keeps the last finished
+        epoch in ``weights/lightning/last.ckpt`` for ``--ckpt_path``; ``DistributedEvaluation`` counts every
+        image once under DDP.
+
+        Returns:
+            list[Callback]: The callbacks.
+        """
+        components = super().configure_callbacks()
+        components = [components] if isinstance(components, Callback) else list(components)
+        return [*components, DataCheck(), LastEpochCheckpoint(), DistributedEvaluation()]
 
     def on_train_epoch_end(self) -> None:
         """Stop at the recipe's epoch budget, whatever larger budget the trainer has."""

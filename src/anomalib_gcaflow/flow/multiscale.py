@@ -129,7 +129,8 @@ class MultiScaleFlow(ShapePreservingModule):
                 f"got shapes {shapes}"
             )
             raise ValueError(msg)
-        if len({t.shape[0] for t in x}) != 1:
+        # Compared pairwise, not collected in a set: under torch.export the batch size is an unhashable SymInt.
+        if any(t.shape[0] != x[0].shape[0] for t in x[1:]):
             msg = f"all scales must share the batch size, got shapes {shapes}"
             raise ValueError(msg)
 

@@ -1,0 +1,1 @@
+"""Benchmarks of anomalib-gcaflow: ``python -m benchmarks.speed`` and ``python -m benchmarks.accuracy``."""
