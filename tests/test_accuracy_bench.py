@@ -33,6 +33,7 @@ def _tiny_protocol(accuracy: ModuleType, image_size: int = 64, epochs: int = 1) 
         gcaflow_lr=1e-3,
         gcaflow_warmup_epochs=0,
         gcaflow_milestones=(70, 90),
+        patchcore_coreset_ratio=0.1,
         limit=4,
         magnetic_tile_limit=4,
         magnetic_tile_normal_limit=10,
@@ -109,11 +110,12 @@ def test_tiny_grid_end_to_end_then_resume(mvtec_root: Path, magnetic_tile_root: 
     assert mvtec_root.parent == magnetic_tile_root.parent
     out = tmp_path / "results"
     command = [
-        sys.executable, "-m", "benchmarks.accuracy", "--out", str(out), "--work-dir", str(tmp_path / "work"),
-        "--data-root", str(mvtec_root.parent), "--models", "gcaflow,fastflow", "--seeds", "0", "--image-size", "64",
-        "--epochs", "1", "--batch-size", "4", "--limit", "4", "--magnetic-tile-limit", "3", "--magnetic-tile-normal-limit", "10", "--speed-sizes", "64",
-        "--speed-repeats", "1", "--memory-batches", "1", "--num-workers", "0",
-    ]
+        sys.executable, "-m", "benchmarks.accuracy",
+        "--out", str(out), "--work-dir", str(tmp_path / "work"), "--data-root", str(mvtec_root.parent),
+        "--models", "gcaflow,fastflow", "--seeds", "0", "--image-size", "64", "--epochs", "1", "--batch-size", "4",
+        "--limit", "4", "--magnetic-tile-limit", "3", "--magnetic-tile-normal-limit", "10", "--num-workers", "0",
+        "--speed-sizes", "64", "--speed-repeats", "1", "--speed-smoke", "--memory-batches", "1",
+    ]  # fmt: skip
     environment = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, check=False)
     assert finished.returncode == 0, finished.stderr[-4000:]

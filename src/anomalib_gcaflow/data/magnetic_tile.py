@@ -84,7 +84,7 @@ class ConversionReport:
             f"Files written {self.written}, already up to date {self.unchanged}, removed {self.removed}.\n"
             f"Train with: anomalib train --model GCAFlow --data Folder --data.name magnetic_tile "
             f"--data.root {self.target} --data.normal_dir {NORMAL_DIR} --data.abnormal_dir {ABNORMAL_DIR} "
-            f"--data.mask_dir {MASK_DIR} ..."
+            f"--data.mask_dir {MASK_DIR} --model.backbone tf_efficientnet_lite0 ... (see docs/own-data.md)"
         )
 
 
