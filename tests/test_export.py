@@ -5,8 +5,8 @@ MVTec AD bottle images, so that its scores and maps are spread out and its post-
 It is exported once, with a real ``anomalib export --export_type onnx`` run on its checkpoint (``Engine.export``,
 which calls ``model.to_onnx``; dynamic height and width, as without ``--input_size``). onnxruntime runs that file,
 and OpenVINO runs it after the two steps ``model.to_openvino`` adds to ``model.to_onnx``: ``openvino.convert_model``
-and ``openvino.save_model`` without fp16 compression (a second torch export would only repeat the first and
-doubles this module's run time). Both take the raw ``[0, 1]`` RGB batch and contain the pre- and post-processing,
+and ``openvino.save_model`` without fp16 compression (a second torch export would only repeat the first and would
+double this module's run time). Both take the raw ``[0, 1]`` RGB batch and contain the pre- and post-processing,
 so they are compared with the whole torch pipeline, ``model(images)``, on six real test images (three good, three
 defective).
 """
