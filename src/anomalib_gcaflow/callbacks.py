@@ -107,7 +107,7 @@ class DataCheck(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Reject a validation batch with non-finite pixels.
+        """Reject a validation, test or prediction batch with non-finite pixels.
 
         Args:
             trainer (Trainer): The trainer (unused).
@@ -119,45 +119,9 @@ class DataCheck(Callback):
         del trainer, pl_module, batch_idx, dataloader_idx
         check_finite_images(batch)
 
-    def on_test_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,  # noqa: ANN401
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Reject a test batch with non-finite pixels.
-
-        Args:
-            trainer (Trainer): The trainer (unused).
-            pl_module (LightningModule): The model (unused).
-            batch (Any): The batch.
-            batch_idx (int): Its index (unused).
-            dataloader_idx (int, optional): Its data loader (unused). Defaults to 0.
-        """
-        del trainer, pl_module, batch_idx, dataloader_idx
-        check_finite_images(batch)
-
-    def on_predict_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,  # noqa: ANN401
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Reject a prediction batch with non-finite pixels.
-
-        Args:
-            trainer (Trainer): The trainer (unused).
-            pl_module (LightningModule): The model (unused).
-            batch (Any): The batch.
-            batch_idx (int): Its index (unused).
-            dataloader_idx (int, optional): Its data loader (unused). Defaults to 0.
-        """
-        del trainer, pl_module, batch_idx, dataloader_idx
-        check_finite_images(batch)
+    # Evaluation and prediction batches get the same check through one hook.
+    on_test_batch_start = on_validation_batch_start
+    on_predict_batch_start = on_validation_batch_start
 
 
 class LastEpochCheckpoint(Callback):
