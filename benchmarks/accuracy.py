@@ -56,13 +56,8 @@ import timm
 import torch
 from anomalib.data import Folder, MVTecAD
 from anomalib.engine import Engine
-from anomalib.metrics import Evaluator
-from anomalib.models import Cflow, Fastflow, Patchcore
+from anomalib.models import Cflow, Patchcore
 from anomalib.models.components import AnomalibModule
-from anomalib.models.image.fastflow.torch_model import create_fast_flow_block
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
-from anomalib.visualization import Visualizer
 from lightning.pytorch import seed_everything
 from matplotlib.figure import Figure
 from safetensors.torch import save_file
@@ -76,6 +71,7 @@ from anomalib_gcaflow.data.magnetic_tile import (
     NORMAL_DIR,
     convert_magnetic_tile,
 )
+from benchmarks.baselines import FASTFLOW_LAYERS, SharedBackboneFastflow
 from benchmarks.speed import (
     _EpochTimer,
     flow_gflop_per_image,
@@ -127,7 +123,7 @@ DATASET_LABELS = {"bottle": "MVTec AD bottle", "magnetic_tile": "Magnetic Tile"}
 # Every model's own layer choice, named by stride stage ("layerK" = stride 2**(K+1)) so it maps onto any backbone.
 GCAFLOW_LAYERS = ("layer1", "layer2", "layer3")
 BASELINE_LAYERS = {
-    "fastflow": ("layer1", "layer2", "layer3"),
+    "fastflow": FASTFLOW_LAYERS,
     "cflow": ("layer2", "layer3", "layer4"),
     "patchcore": ("layer2", "layer3"),
 }
@@ -145,7 +141,7 @@ MAIN_METRICS = ("image_AUROC", "pixel_AUROC", "PRO", "image_F1")
 _ALL_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 GCAFLOW_BACKBONE = "anomalib_gcaflow.backbones.build_backbone (strict load), checked tensor by tensor."
-FASTFLOW_CLASS_PATH = "benchmarks.accuracy.SharedBackboneFastflow"
+FASTFLOW_CLASS_PATH = "benchmarks.baselines.SharedBackboneFastflow"
 BACKBONE_ADAPTATION = {
     "fastflow": (
         "Constructed as Fastflow(backbone='resnet18', pre_trained=False); then model.feature_extractor was replaced "
@@ -471,78 +467,6 @@ def build_model(
         "backbone_adaptation": BACKBONE_ADAPTATION.get(name, GCAFLOW_BACKBONE),
     }
     return model, description
-
-
-class SharedBackboneFastflow(Fastflow):
-    """anomalib's Fastflow on a backbone it does not accept, with everything else its own.
-
-    Fastflow only takes ResNet and transformer backbones, loaded from the hub. Its flows and LayerNorms are built
-    from the backbone's channels and strides alone, so the honest swap is: construct it on a weightless ResNet-18,
-    then replace the feature extractor with the frozen pyramid of ``backbone`` (stride 4/8/16, as for ResNets) and
-    rebuild the norms and flow blocks with anomalib's own ``create_fast_flow_block`` and Fastflow's own
-    hyper-parameters. Loss, optimiser, anomaly map and score are untouched. A class (rather than a patched
-    instance) so that a separate process (the peak-memory measurement) can build the same model by import path.
-
-    Args:
-        backbone (str, optional): Backbone name, see ``anomalib_gcaflow.backbones``.
-            Defaults to ``"tf_efficientnet_lite0"``.
-        weights_path (str | None, optional): Local backbone weights file. Defaults to ``None``.
-        flow_steps (int, optional): Flow steps per scale. Defaults to 8.
-        conv3x3_only (bool, optional): Only 3x3 convolutions in the subnets. Defaults to ``False``.
-        hidden_ratio (float, optional): Hidden channels per input channel of the subnets. Defaults to 1.0.
-        pre_processor (PreProcessor | bool, optional): Pre-processor; it fixes the input size. Defaults to ``True``.
-        post_processor (PostProcessor | bool, optional): Post-processor. Defaults to ``True``.
-        evaluator (Evaluator | bool, optional): Evaluator. Defaults to ``True``.
-        visualizer (Visualizer | bool, optional): Visualizer. Defaults to ``True``.
-    """
-
-    def __init__(
-        self,
-        backbone: str = "tf_efficientnet_lite0",
-        weights_path: str | None = None,
-        flow_steps: int = 8,
-        conv3x3_only: bool = False,
-        hidden_ratio: float = 1.0,
-        pre_processor: PreProcessor | bool = True,
-        post_processor: PostProcessor | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
-    ) -> None:
-        super().__init__(
-            backbone="resnet18",
-            pre_trained=False,
-            flow_steps=flow_steps,
-            conv3x3_only=conv3x3_only,
-            hidden_ratio=hidden_ratio,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.backbone = backbone
-        # Zero padding, as anomalib builds Fastflow's ResNets (GCAFlow's reflect padding is its own design).
-        pyramid = build_backbone(
-            backbone,
-            weights_path=weights_path,
-            layers=BASELINE_LAYERS["fastflow"],
-            reflect_padding=False,
-        )
-        height, width = self.input_size
-        shapes = [
-            [channels, int(height / stride), int(width / stride)]
-            for channels, stride in zip(pyramid.channels, pyramid.strides, strict=True)
-        ]
-        self.model.feature_extractor = pyramid
-        self.model.norms = nn.ModuleList(nn.LayerNorm(shape, elementwise_affine=True) for shape in shapes)
-        self.model.fast_flow_blocks = nn.ModuleList(
-            create_fast_flow_block(
-                input_dimensions=shape,
-                conv3x3_only=conv3x3_only,
-                hidden_ratio=hidden_ratio,
-                flow_steps=flow_steps,
-            )
-            for shape in shapes
-        )
 
 
 _MODEL_CLASSES: dict[str, type[AnomalibModule]] = {
