@@ -17,13 +17,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from anomalib.data import AnomalibDataModule
+from anomalib.data import AnomalibDataModule, AnomalibDataset, PredictDataset
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 from torchmetrics import Metric
 
-from anomalib_gcaflow.data_checks import check_datasets, check_finite_images, explain_setup_failure
+from anomalib_gcaflow.data_checks import (
+    check_datasets,
+    check_finite_images,
+    check_image_files,
+    explain_setup_failure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,8 @@ class DataCheck(Callback):
 
     At ``setup`` (after anomalib has set the data module up) every image and mask of the stage's splits is read
     with :func:`~anomalib_gcaflow.data_checks.check_datasets`; fitting reads the test split too, so that a bad
-    test image stops the run before training rather than after it. If anomalib's own ``prepare_data`` or
+    test image stops the run before training rather than after it. ``predict`` reads its data loaders' files at
+    ``on_predict_start``, before the first batch. If anomalib's own ``prepare_data`` or
     ``setup`` of the data module fails first, the cause found on disk (wrong root or category, broken links,
     anomalous images without masks) is attached to anomalib's error as a note.
     """
@@ -66,6 +73,29 @@ class DataCheck(Callback):
             if hasattr(datamodule, f"{split}_data")
         }
         check_datasets(datasets)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Read every file that ``predict`` will use, whether it came from a data module or a plain folder.
+
+        Prediction data often arrives as data loaders (``anomalib predict --data <folder>`` wraps the folder in a
+        ``PredictDataset``), not as a data module, so the files are taken from the data loaders, which Lightning
+        has built by now.
+
+        Args:
+            trainer (Trainer): The trainer.
+            pl_module (LightningModule): The model (unused).
+
+        Raises:
+            ValueError: If a file is unusable (see :mod:`~anomalib_gcaflow.data_checks`).
+        """
+        del pl_module
+        loaders = trainer.predict_dataloaders
+        for loader in CombinedLoader(loaders).flattened if loaders is not None else ():
+            dataset = getattr(loader, "dataset", None)
+            if isinstance(dataset, AnomalibDataset):
+                check_datasets({"predict": dataset})
+            elif isinstance(dataset, PredictDataset):
+                check_image_files(dataset.image_filenames)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Explain an error raised by anomalib while it prepared or set up the data module.

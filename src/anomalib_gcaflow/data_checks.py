@@ -4,7 +4,8 @@ anomalib reads an image only when a batch needs it, so a corrupt file stops trai
 hours in, with an error that may not name it; and some problems never raise at all: a mask of the wrong size, or a
 16-bit greyscale image, which anomalib 2.7's ``read_image`` converts to RGB by clipping every value above 255 (the
 image turns almost white). :func:`check_datasets` reads every file of the train, validation and test sets up
-front and reports every problem in one error.
+front and reports every problem in one error; :func:`check_image_files` does the same for a bare list of images,
+such as the folder given to ``anomalib predict``.
 
 Some mistakes make anomalib's own data-module setup fail before any of this can run, with an error that does not
 say why: a wrong ``root`` or ``category`` (anomalib then tries to download the data set), or an anomalous image
@@ -88,26 +89,14 @@ def check_datasets(datasets: Mapping[str, AnomalibDataset]) -> None:
         )
     pairs, missing_masks = _image_mask_pairs(datasets.values())
     images = {image for image, _ in pairs}
-    to_read = sorted(images | {mask for _, mask in pairs if mask})
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        info = dict(zip(to_read, pool.map(read_file_info, to_read), strict=True))
-
-    unreadable = [f"{path} ({file.error})" for path, file in info.items() if file.error]
-    clipped = [f"{path} (mode {info[path].mode})" for path in sorted(images) if info[path].mode in CLIPPED_MODES]
+    info = _read_all(images | {mask for _, mask in pairs if mask})
     mismatched = []
     for image, mask in sorted(pairs):
         image_size, mask_size = info[image].size, info[mask].size if mask else None
         if image_size and mask_size and image_size != mask_size:
             mismatched.append(f"{mask} is {_size(mask_size)}, {image} is {_size(image_size)}")
     problems += [
-        _describe(unreadable, "file(s) cannot be read", "Replace or delete them, then start again."),
-        _describe(
-            clipped,
-            "image(s) are 16-bit or floating-point greyscale, which anomalib reads by clipping to 8 bits (they "
-            "turn almost white)",
-            "Convert them to 8-bit first, e.g. with PIL: Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) "
-            "for 16-bit PNGs.",
-        ),
+        *_file_problems(info, images),
         _describe(
             missing_masks,
             "anomalous image(s) have no mask",
@@ -121,10 +110,23 @@ def check_datasets(datasets: Mapping[str, AnomalibDataset]) -> None:
             "replace it.",
         ),
     ]
-    problems = [problem for problem in problems if problem]
-    if problems:
-        msg = "GCAFlow checked the data before training and found:\n- " + "\n- ".join(problems)
-        raise ValueError(msg)
+    _raise_if_any(problems, "before training")
+
+
+def check_image_files(paths: Iterable[str | Path]) -> None:
+    """Read every image in ``paths`` once and raise one ``ValueError`` naming those that cannot be used.
+
+    This is the check for data that comes as a bare list of files, such as the folder given to
+    ``anomalib predict``: there are no masks or labels to check, only the images themselves.
+
+    Args:
+        paths (Iterable[str | Path]): Image files.
+
+    Raises:
+        ValueError: If an image cannot be opened or decoded, or is 16-bit or floating-point greyscale.
+    """
+    images = {str(path) for path in paths}
+    _raise_if_any(_file_problems(_read_all(images), images), "before predicting")
 
 
 def check_finite_images(batch: Any) -> None:  # noqa: ANN401
@@ -187,6 +189,37 @@ def explain_setup_failure(datamodule: AnomalibDataModule) -> str | None:
         masks = _image_files(category_dir / "ground_truth" / d.name for d in defects)
         causes.append(_explain_missing_masks(_image_files(defects), masks))
     return " ".join(cause for cause in causes if cause) or None
+
+
+def _read_all(paths: Iterable[str]) -> dict[str, FileInfo]:
+    """Read ``paths`` in parallel threads (decoding releases the GIL), keyed by path."""
+    to_read = sorted(paths)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(to_read, pool.map(read_file_info, to_read), strict=True))
+
+
+def _file_problems(info: Mapping[str, FileInfo], images: Iterable[str]) -> list[str]:
+    """Problem lines for files that could not be read and for ``images`` that anomalib would clip."""
+    unreadable = [f"{path} ({file.error})" for path, file in info.items() if file.error]
+    clipped = [f"{path} (mode {info[path].mode})" for path in sorted(images) if info[path].mode in CLIPPED_MODES]
+    return [
+        _describe(unreadable, "file(s) cannot be read", "Replace or delete them, then start again."),
+        _describe(
+            clipped,
+            "image(s) are 16-bit or floating-point greyscale, which anomalib reads by clipping to 8 bits (they "
+            "turn almost white)",
+            "Convert them to 8-bit first, e.g. with PIL: Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) "
+            "for 16-bit PNGs.",
+        ),
+    ]
+
+
+def _raise_if_any(problems: Sequence[str], when: str) -> None:
+    """Raise one ``ValueError`` listing the non-empty ``problems``, found ``when`` (e.g. "before training")."""
+    problems = [problem for problem in problems if problem]
+    if problems:
+        msg = f"GCAFlow checked the data {when} and found:\n- " + "\n- ".join(problems)
+        raise ValueError(msg)
 
 
 def _image_mask_pairs(datasets: Iterable[AnomalibDataset]) -> tuple[set[tuple[str, str]], list[str]]:
