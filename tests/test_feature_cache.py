@@ -1,20 +1,23 @@
-"""Training feature cache: hits, misses, spill to disk, invalidation, off under random augmentation, same weights."""
+"""Training feature cache: hits, misses, spill to disk, invalidation, off under random augmentation, same weights,
+and cached images not read again."""
 
 import logging
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from anomalib.data import Folder
+from anomalib.data.datasets.base import image as anomalib_image_dataset
 from lightning.pytorch import Trainer, seed_everything
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
 from anomalib_gcaflow import GCAFlow
-from anomalib_gcaflow.feature_cache import FeatureCache, feature_fingerprint, is_deterministic
+from anomalib_gcaflow.feature_cache import CachedImagePlaceholders, FeatureCache, feature_fingerprint, is_deterministic
 
 IMAGE_SIZE = (64, 64)
 
@@ -161,8 +164,9 @@ def _fit(
     root: Path,
     cache_features: bool,
     train_augmentations: v2.Transform | None = None,
-) -> tuple[GCAFlow, dict[str, torch.Tensor]]:
-    """Train a tiny GCAFlow for two epochs; return it with its flow's initial weights."""
+    num_workers: int = 0,
+) -> tuple[GCAFlow, dict[str, torch.Tensor], Folder]:
+    """Train a tiny GCAFlow for two epochs; return it with its flow's initial weights and the data module."""
     seed_everything(0)
     model = GCAFlow(
         backbone="tf_efficientnet_lite0",
@@ -187,7 +191,7 @@ def _fit(
         abnormal_dir="bad",
         train_batch_size=3,  # batches of 3, 3, 2 in a new order each epoch
         eval_batch_size=4,
-        num_workers=0,
+        num_workers=num_workers,
         train_augmentations=train_augmentations,
         seed=0,
     )
@@ -204,7 +208,7 @@ def _fit(
         num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=datamodule)
-    return model, initial
+    return model, initial, datamodule
 
 
 def test_a_pickled_model_carries_no_cached_features() -> None:
@@ -218,8 +222,8 @@ def test_a_pickled_model_carries_no_cached_features() -> None:
 
 
 def test_same_seed_gives_the_same_weights_with_and_without_the_cache(tiny_folder: Path) -> None:
-    cached, initial = _fit(tiny_folder, cache_features=True)
-    uncached, _ = _fit(tiny_folder, cache_features=False)
+    cached, initial, _ = _fit(tiny_folder, cache_features=True)
+    uncached, _, _ = _fit(tiny_folder, cache_features=False)
     # 8 training images (Folder moves 2 normal ones to the test split): epoch 1 fills the cache, epoch 2 hits.
     assert (cached.feature_cache.misses, cached.feature_cache.hits) == (8, 8)
     assert len(cached.feature_cache) == 0  # freed when training ends
@@ -234,6 +238,67 @@ def test_cache_is_off_when_training_augmentations_are_random(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.INFO, logger="anomalib_gcaflow.lightning_model"):
-        model, _ = _fit(tiny_folder, cache_features=True, train_augmentations=v2.RandomHorizontalFlip())
+        model, _, _ = _fit(tiny_folder, cache_features=True, train_augmentations=v2.RandomHorizontalFlip())
     assert (model.feature_cache.hits, model.feature_cache.misses) == (0, 0)
     assert any("feature cache off" in record.getMessage() for record in caplog.records)
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
+    """Make anomalib's data sets append every image path they read to ``log``, from any process."""
+    read_image = anomalib_image_dataset.read_image
+
+    def logging_read_image(path: str, *args: object, **kwargs: object) -> torch.Tensor:
+        with log.open("a") as file:  # one short append per read: safe across forked workers
+            file.write(f"{path}\n")
+        return read_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(anomalib_image_dataset, "read_image", logging_read_image)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cached_images_are_read_once_and_the_data_module_gets_its_training_set_back(
+    tiny_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    num_workers: int,
+) -> None:
+    log = tmp_path / "reads.txt"
+    _count_reads(monkeypatch, log)
+    model, _, datamodule = _fit(tiny_folder, cache_features=True, num_workers=num_workers)
+    training_images = [str(path) for path in datamodule.train_data.samples.image_path]
+    assert len(training_images) == 8
+    reads = Counter(log.read_text().splitlines())
+    # Two epochs, one read each: the second epoch was served from the cache without opening a file, also by
+    # data-loader workers forked at its start.
+    assert {path: reads[path] for path in training_images} == dict.fromkeys(training_images, 1)
+    assert model.feature_cache.hits == 8
+    assert not isinstance(datamodule.train_data, CachedImagePlaceholders)
+
+
+def test_forked_workers_give_the_same_weights(tiny_folder: Path) -> None:
+    in_process, _, _ = _fit(tiny_folder, cache_features=True)
+    with_workers, _, _ = _fit(tiny_folder, cache_features=True, num_workers=2)
+    for name, tensor in in_process.model.flow.state_dict().items():
+        assert torch.equal(tensor, with_workers.model.flow.state_dict()[name]), name
+
+
+def test_placeholders_store_one_element_and_never_stand_in_for_an_uncached_image(tiny_folder: Path) -> None:
+    datamodule = Folder(name="tiny", root=tiny_folder, normal_dir="good", abnormal_dir="bad", num_workers=0, seed=0)
+    datamodule.setup("fit")
+    dataset = datamodule.train_data
+    cache = FeatureCache()
+    skipping = CachedImagePlaceholders(dataset, cache)
+    assert skipping.collate_fn == dataset.collate_fn  # other attributes are the data set's
+    batch = dataset.collate_fn([dataset[0], dataset[1]])
+    skipping.remember(batch)
+    path = str(dataset.samples.image_path.iat[0])
+    placeholder = skipping.placeholders[path]
+    assert placeholder.image.shape == dataset[0].image.shape
+    assert placeholder.image.untyped_storage().nbytes() == placeholder.image.element_size()
+    assert torch.equal(skipping[0].image, dataset[0].image)  # remembered but not cached: read
+    cache.put(path, [torch.zeros(1)])
+    assert skipping[0] is placeholder
+    assert torch.equal(skipping[1].image, dataset[1].image)
+    # What a spawned worker gets: the settings without the cached entries, so it reads every image.
+    restored = pickle.loads(pickle.dumps(skipping))
+    assert torch.equal(restored[0].image, dataset[0].image)

@@ -1,11 +1,12 @@
 """Lightning callbacks that keep a long GCAFlow run from being lost, corrupted or mis-scored.
 
+* :class:`SkipCachedImageReads` stops reading training images whose backbone features are already cached.
 * :class:`DataCheck` reads every data file before the first epoch and rejects non-finite input batches.
 * :class:`LastEpochCheckpoint` saves every finished epoch, with the random-number state, to one stable file, and
   stops at the first non-finite loss so that this file always holds the last good epoch.
 * :class:`DistributedEvaluation` makes multi-process validation and test count every image exactly once.
 
-``GCAFlow.configure_callbacks`` adds all three, so they work with anomalib's ``Engine``, its CLI and a plain
+``GCAFlow.configure_callbacks`` adds all four, so they work with anomalib's ``Engine``, its CLI and a plain
 Lightning ``Trainer`` alike.
 """
 
@@ -30,11 +31,65 @@ from anomalib_gcaflow.data_checks import (
     check_image_files,
     explain_setup_failure,
 )
+from anomalib_gcaflow.feature_cache import CachedImagePlaceholders
 
 logger = logging.getLogger(__name__)
 
 # The splits each Lightning stage reads (see DataCheck).
 SPLITS_BY_STAGE = {"fit": ("train", "val", "test"), "validate": ("val",), "test": ("test",)}
+
+
+class SkipCachedImageReads(Callback):
+    """Serve training images whose features the model has cached as placeholders instead of reading them again.
+
+    At ``setup("fit")`` the data module's training set is wrapped in
+    :class:`~anomalib_gcaflow.feature_cache.CachedImagePlaceholders` (the data module has been set up by then, its
+    training loader is not built yet); every training batch is shown to it before the pre-processor changes the
+    batch (this callback must come before the model's pre-processor), and ``teardown`` gives the data module its
+    own training set back. Models without a ``feature_cache`` and data that does not come from an anomalib data
+    module are left alone.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Wrap the training set for ``fit`` when the model caches features.
+
+        Args:
+            trainer (Trainer): The trainer.
+            pl_module (LightningModule): The model; its ``feature_cache`` (if any) decides what is skipped.
+            stage (str): ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
+        """
+        cache = getattr(pl_module, "feature_cache", None)
+        datamodule = trainer.datamodule
+        train_data = getattr(datamodule, "train_data", None)
+        if stage == TrainerFn.FITTING and cache is not None and isinstance(train_data, AnomalibDataset):
+            datamodule.train_data = CachedImagePlaceholders(train_data, cache)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+        """Keep a placeholder for every training image not seen before.
+
+        Args:
+            trainer (Trainer): The trainer.
+            pl_module (LightningModule): The model (unused).
+            batch (Any): The batch, not yet pre-processed.
+            batch_idx (int): Its index (unused).
+        """
+        del pl_module, batch_idx
+        train_data = getattr(trainer.datamodule, "train_data", None)
+        if isinstance(train_data, CachedImagePlaceholders):
+            train_data.remember(batch)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Give the data module its own training set back.
+
+        Args:
+            trainer (Trainer): The trainer.
+            pl_module (LightningModule): The model (unused).
+            stage (str): The stage (unused).
+        """
+        del pl_module, stage
+        train_data = getattr(trainer.datamodule, "train_data", None)
+        if isinstance(train_data, CachedImagePlaceholders):
+            trainer.datamodule.train_data = train_data.dataset
 
 
 class DataCheck(Callback):

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_gcaflow.backbones import backbone_normalization
-from anomalib_gcaflow.callbacks import DataCheck, DistributedEvaluation, LastEpochCheckpoint
+from anomalib_gcaflow.callbacks import DataCheck, DistributedEvaluation, LastEpochCheckpoint, SkipCachedImageReads
 from anomalib_gcaflow.feature_cache import (
     DEFAULT_CACHE_BYTES,
     FeatureCache,
@@ -275,8 +275,9 @@ class GCAFlow(AnomalibModule):
         """
         if not self._use_feature_cache or batch.image_path is None:
             return None
-        height, width = batch.image.shape[-2:]
-        keys = [f"{path}@{height}x{width}" for path in batch.image_path]
+        # The path alone is the key: everything else that shapes the features, input size included, is in the
+        # fingerprint the cache is bound to.
+        keys = [str(path) for path in batch.image_path]
         return self.feature_cache.features(keys, batch.image, self.model.extract_features)
 
     def on_train_start(self) -> None:
@@ -345,16 +346,18 @@ class GCAFlow(AnomalibModule):
     def configure_callbacks(self) -> list[Callback]:
         """anomalib's component callbacks, plus GCAFlow's guards for long runs.
 
-        ``DataCheck`` reads every data file before training; ``LastEpochCheckpoint`` keeps the last finished
-        epoch in ``weights/lightning/last.ckpt`` for ``--ckpt_path``; ``DistributedEvaluation`` counts every
-        image once under DDP.
+        ``SkipCachedImageReads`` stops reading training images whose features are cached; ``DataCheck`` reads
+        every data file before training; ``LastEpochCheckpoint`` keeps the last finished epoch in
+        ``weights/lightning/last.ckpt`` for ``--ckpt_path``; ``DistributedEvaluation`` counts every image once
+        under DDP.
 
         Returns:
             list[Callback]: The callbacks.
         """
         components = super().configure_callbacks()
         components = [components] if isinstance(components, Callback) else list(components)
-        return [*components, DataCheck(), LastEpochCheckpoint(), DistributedEvaluation()]
+        # First, so that it sees training batches before the pre-processor transforms them.
+        return [SkipCachedImageReads(), *components, DataCheck(), LastEpochCheckpoint(), DistributedEvaluation()]
 
     def on_train_epoch_end(self) -> None:
         """Stop at the recipe's epoch budget, whatever larger budget the trainer has."""
