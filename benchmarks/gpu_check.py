@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["checks"] = checks | {"all_passed": all(checks.values())}
     settings.out.mkdir(parents=True, exist_ok=True)
     (settings.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps(results, indent=2, default=str))  # noqa: T201 - the summary is the script's output
+    print(json.dumps(results, indent=2, default=str))
     return results
 
 

@@ -482,15 +482,15 @@ class _EpochTimer(Callback):
         synchronize(self.device)
         return time.perf_counter()
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:  # noqa: D102
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
         del trainer, pl_module
         self._start = self._last = self._now()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: AnomalibModule, *args: Any) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer: Trainer, pl_module: AnomalibModule, *args: object) -> None:
         del trainer, pl_module, args
         self._last = self._now()
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: AnomalibModule) -> None:  # noqa: D102
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
         del trainer, pl_module
         self.epoch_seconds.append(self._last - self._start)
 
@@ -649,7 +649,7 @@ def _memory_child(request: dict[str, Any]) -> None:
         "rss_before_fit_mb": before_fit,
         "cuda_peak_mb": cuda_peak,
     }
-    print(MEMORY_RESULT_MARKER + json.dumps(result), flush=True)  # noqa: T201 - the parent parses this line
+    print(MEMORY_RESULT_MARKER + json.dumps(result), flush=True)  # the parent parses this line
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -784,7 +784,8 @@ def _memory_section(settings: argparse.Namespace) -> list[dict[str, Any]]:
     """Peak training memory at the large size, one fresh process per configuration."""
     names = MEMORY_CONFIGS[:1] if settings.quick else MEMORY_CONFIGS
     return [
-        {"config": name} | training_memory(
+        {"config": name}
+        | training_memory(
             *TRAINING_CONFIGS[name],
             image_size=settings.large_size,
             batch_size=settings.batch_size,
@@ -812,9 +813,20 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             targets.append(_target(f"train s/epoch, gcaflow / {reference}", ratio, f"<= {limit}", ratio <= limit))
     flow = results.get("flow")
     if isinstance(flow, dict):
-        fp32 = [row for row in flow["rows"] if row["mode"] == "inference fwd" and row["dtype"] == "fp32"]
-        share = max(row["gflops"] for row in fp32) / results["machine_peak"]["gflops"]
-        targets.append(_target("flow fwd fp32 GFLOP/s / machine peak (best row)", share, ">= 0.5", share >= 0.5))
+        # The configuration GCAFlow runs (folded, fp32, NCHW, eager) at the first size: the unfolded flow reaches a
+        # higher rate only by doing the folded-away work, which would flatter the ratio, not the model.
+        default = next(
+            row
+            for row in flow["rows"]
+            if row["mode"] == "inference fwd"
+            and row["dtype"] == "fp32"
+            and row["fold_positional"]
+            and not row["channels_last"]
+            and not row["compiled"]
+        )
+        share = default["gflops"] / results["machine_peak"]["gflops"]
+        name = f"flow fwd GFLOP/s / machine peak (fp32, folded, {default['image_size'][0]} px)"
+        targets.append(_target(name, share, ">= 0.5", share >= 0.5))
     latency = results.get("latency")
     if isinstance(latency, dict):
         for row in latency["gcaflow_vs_msflow"]:

@@ -29,7 +29,7 @@ _registering = False
 _models_state: str | None = None  # None: not yet; "ok": registered; "failed": warned once, never retried
 
 
-def on_imported(module) -> None:  # noqa: ANN001
+def on_imported(module) -> None:
     """Dispatch for :data:`anomalib_gcaflow_hook.WATCHED`."""
     if module.__name__ == "anomalib.data":
         alias_data_modules(module)
@@ -37,7 +37,7 @@ def on_imported(module) -> None:  # noqa: ANN001
         register_models()
 
 
-def alias_data_modules(data_module) -> None:  # noqa: ANN001
+def alias_data_modules(data_module) -> None:
     """Make ``MVTec`` an alias of ``MVTecAD`` for ``get_datamodule`` and for the CLI's ``--data MVTec``.
 
     ``anomalib.data.MVTec`` is set to ``MVTecAD`` itself (``get_datamodule({"class_path": "MVTec"})`` looks the
@@ -72,20 +72,20 @@ def alias_data_modules(data_module) -> None:  # noqa: ANN001
 class LoaderProxy:
     """Stands in for a loader that refuses the hook's instance attribute: delegates all but ``exec_module``."""
 
-    def __init__(self, loader, exec_module) -> None:  # noqa: ANN001
+    def __init__(self, loader, exec_module) -> None:
         self._loader = loader
         self.exec_module = exec_module
 
-    def create_module(self, spec):  # noqa: ANN001, ANN201
+    def create_module(self, spec):
         create = getattr(self._loader, "create_module", None)
         return None if create is None else create(spec)
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self._loader, name)
 
 
-def _alias_new(target: type):  # noqa: ANN202
-    def __new__(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202, ARG001, N807
+def _alias_new(target: type):
+    def __new__(cls, *args, **kwargs):  # noqa: ARG001, N807
         return target(*args, **kwargs)
 
     return staticmethod(__new__)
@@ -93,7 +93,7 @@ def _alias_new(target: type):  # noqa: ANN202
 
 def register_models() -> None:
     """Run ``anomalib_gcaflow.plugin.register()`` once ``anomalib.models`` and the package are both importable."""
-    global _registering, _models_state  # noqa: PLW0603
+    global _registering, _models_state
     if _models_state == "failed" or _registering or not hook.loaded("anomalib.models"):
         return
     if "anomalib_gcaflow" in sys.modules and not hook.loaded("anomalib_gcaflow"):
@@ -104,7 +104,7 @@ def register_models() -> None:
 
         register()  # idempotent: also cheap again after importlib.reload(anomalib.models)
         _models_state = "ok"
-    except Exception as exc:  # noqa: BLE001 - never break ``import anomalib.models``
+    except Exception as exc:  # never break ``import anomalib.models``
         _models_state = "failed"
         hook.warn("registering GCAFlow with anomalib", exc)
     finally:

@@ -1,10 +1,12 @@
 """Exactness of the flow core: inverse, log-determinant against the autograd Jacobian, sizes, options."""
 
 import math
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 from anomalib.models.image.cflow.utils import positional_encoding_2d as cflow_positional_encoding
+from torch import nn
 
 from anomalib_gcaflow.flow import (
     FusionAttnFlow,
@@ -29,18 +31,23 @@ def _perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def _tiny_inputs(channels=(4, 4, 4), batch: int = 2, seed: int = 1) -> list[torch.Tensor]:
+def _tiny_inputs(channels: Sequence[int] = (4, 4, 4), batch: int = 2, seed: int = 1) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, c, *size, generator=generator, dtype=torch.float64) for c, size in zip(channels, TINY_SIZES)]
+    return [
+        torch.randn(batch, c, *size, generator=generator, dtype=torch.float64)
+        for c, size in zip(channels, TINY_SIZES, strict=True)
+    ]
 
 
-def _jacobian_log_det(function, inputs: list[torch.Tensor]) -> float:
+def _jacobian_log_det(
+    function: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]], inputs: list[torch.Tensor]
+) -> float:
     """slogdet of the full Jacobian of ``function`` at the first sample of ``inputs``."""
     shapes = [t.shape[1:] for t in inputs]
     sizes = [t[0].numel() for t in inputs]
 
     def flat(vector: torch.Tensor) -> torch.Tensor:
-        parts = [p.view(1, *s) for p, s in zip(torch.split(vector, sizes), shapes)]
+        parts = [p.view(1, *s) for p, s in zip(torch.split(vector, sizes), shapes, strict=True)]
         return torch.cat([t.flatten() for t in function(parts)])
 
     jacobian = torch.autograd.functional.jacobian(flat, torch.cat([t[0].flatten() for t in inputs]))
@@ -49,11 +56,11 @@ def _jacobian_log_det(function, inputs: list[torch.Tensor]) -> float:
     return log_abs_det.item()
 
 
-def _assert_exact(module, inputs: list[torch.Tensor]) -> None:
+def _assert_exact(module: nn.Module, inputs: list[torch.Tensor]) -> None:
     """``module`` (FrEIA contract) inverts to 1e-8 and its log-det equals the autograd Jacobian's to 1e-8."""
     outputs, log_det = module(inputs)
     restored, reverse_log_det = module(list(outputs), rev=True)
-    for x, x_restored in zip(inputs, restored):
+    for x, x_restored in zip(inputs, restored, strict=True):
         assert torch.allclose(x, x_restored, atol=1e-8, rtol=0)
     assert torch.allclose(log_det, -reverse_log_det, atol=1e-8, rtol=0)
     assert _jacobian_log_det(lambda xs: list(module(xs)[0]), inputs) == pytest.approx(log_det[0].item(), abs=1e-8)
@@ -64,8 +71,9 @@ def _assert_exact(module, inputs: list[torch.Tensor]) -> None:
 def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(attention: str, subnet: str) -> None:
     torch.manual_seed(0)
     flow = _perturb(
-        MultiScaleFlow((4, 4, 4), depths=(2, 2, 3), kernel_size=3, expansion=2, attention=attention, subnet=subnet,
-                       pos_embed_dim=4),
+        MultiScaleFlow(
+            (4, 4, 4), depths=(2, 2, 3), kernel_size=3, expansion=2, attention=attention, subnet=subnet, pos_embed_dim=4
+        ),
     ).double()
     _assert_exact(flow, _tiny_inputs())
 

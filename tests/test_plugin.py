@@ -280,7 +280,8 @@ def test_data_alias_needs_neither_models_nor_the_package(tmp_path: Path) -> None
             f"""
             import json, sys
             from anomalib.data import MVTec, MVTecAD, get_datamodule
-            dm = get_datamodule({{"class_path": "MVTec", "init_args": {{"root": {str(tmp_path)!r}, "category": "bottle"}}}})
+            init_args = {{"root": {str(tmp_path)!r}, "category": "bottle"}}
+            dm = get_datamodule({{"class_path": "MVTec", "init_args": init_args}})
             print(json.dumps({{
                 "same": MVTec is MVTecAD,
                 "type": type(dm).__name__,

@@ -221,7 +221,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_whole(
 def test_non_finite_loss_stops_before_the_step_and_names_the_checkpoint(tmp_path: Path) -> None:
     callback = LastEpochCheckpoint(dirpath=tmp_path)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    with pytest.raises(FloatingPointError, match="not finite.*No epoch had finished"):
+    with pytest.raises(FloatingPointError, match=r"not finite.*No epoch had finished"):
         callback.on_before_backward(trainer, None, torch.tensor(float("nan")))
     (tmp_path / "last.ckpt").write_bytes(b"")
     with pytest.raises(FloatingPointError, match=f"last good epoch is in {tmp_path / 'last.ckpt'}"):

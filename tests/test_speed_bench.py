@@ -132,12 +132,12 @@ def test_validation_test_and_predict_run_under_inference_mode(tmp_path: Path) ->
 def test_compile_flow_compiles_only_inside_trainer_runs() -> None:
     model = _tiny_model(compile_flow=True)
     model.setup("fit")
-    assert model.model.flow._compiled_call_impl is not None  # noqa: SLF001
+    assert model.model.flow._compiled_call_impl is not None
     model.teardown("fit")
-    assert model.model.flow._compiled_call_impl is None  # noqa: SLF001
+    assert model.model.flow._compiled_call_impl is None
     eager = _tiny_model()
     eager.setup("fit")
-    assert eager.model.flow._compiled_call_impl is None  # noqa: SLF001
+    assert eager.model.flow._compiled_call_impl is None
 
 
 @pytest.mark.skipif(

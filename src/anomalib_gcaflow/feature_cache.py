@@ -38,8 +38,8 @@ from torchvision.transforms import v2
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
-    "FeatureCache",
     "CachedImagePlaceholders",
+    "FeatureCache",
     "feature_fingerprint",
     "is_deterministic",
     "training_transforms",

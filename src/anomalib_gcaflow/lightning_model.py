@@ -193,7 +193,7 @@ class GCAFlow(AnomalibModule):
         ]
         return Evaluator(val_metrics=val_metrics, test_metrics=test_metrics)
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def training_step(self, batch: Batch, *args: object, **kwargs: object) -> STEP_OUTPUT:
         """Compute the negative log-likelihood of a training batch.
 
         Args:
@@ -213,7 +213,7 @@ class GCAFlow(AnomalibModule):
         self.log("train_nll_per_dim", nll_per_dim, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return {"loss": loss}
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def validation_step(self, batch: Batch, *args: object, **kwargs: object) -> STEP_OUTPUT:
         """Score a validation batch.
 
         Args:

@@ -60,7 +60,12 @@ class GCAFlowModel(nn.Module):
         super().__init__()
         # Validate the cheap parts first, so a bad configuration never waits for a backbone download.
         self.anomaly_map_generator = AnomalyMapGenerator(top_k)
-        self.feature_extractor = build_backbone(backbone, pre_trained=pre_trained, weights_path=weights_path, layers=layers)
+        self.feature_extractor = build_backbone(
+            backbone,
+            pre_trained=pre_trained,
+            weights_path=weights_path,
+            layers=layers,
+        )
         if len(depths) != len(self.feature_extractor.channels):
             msg = (
                 f"depths {list(depths)} must give one block count per backbone layer; backbone {backbone!r} "

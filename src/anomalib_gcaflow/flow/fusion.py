@@ -137,7 +137,10 @@ class FusionAttnFlow(ShapePreservingModule):
         if not rev:
             first, log_det_p = self._couple(first, self.subnet_p(second), rev=False)
             second, log_det_q = self._couple(second, self.subnet_q(first), rev=False)
-            outputs = tuple(torch.cat(halves, dim=1).clamp(-LATENT_LIMIT, LATENT_LIMIT) for halves in zip(first, second, strict=True))
+            outputs = tuple(
+                torch.cat(halves, dim=1).clamp(-LATENT_LIMIT, LATENT_LIMIT)
+                for halves in zip(first, second, strict=True)
+            )
         else:
             second, log_det_q = self._couple(second, self.subnet_q(first), rev=True)
             first, log_det_p = self._couple(first, self.subnet_p(second), rev=True)

@@ -123,7 +123,9 @@ class MultiScaleFlow(ShapePreservingModule):
     def _check_inputs(self, x: Sequence[torch.Tensor]) -> None:
         """Fail early, with the expected layout, on inputs that do not match the flow."""
         shapes = [tuple(t.shape) for t in x]
-        if len(x) != len(self.channels) or any(t.dim() != 4 or t.shape[1] != c for t, c in zip(x, self.channels)):
+        if len(x) != len(self.channels) or any(
+            t.dim() != 4 or t.shape[1] != c for t, c in zip(x, self.channels, strict=False)
+        ):
             msg = (
                 f"MultiScaleFlow expects {len(self.channels)} tensors shaped (B, C, H, W) with C = {self.channels}, "
                 f"got shapes {shapes}"
