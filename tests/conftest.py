@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_training import make_tiny_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRUST_REMOTE_CODE", "1")
@@ -28,3 +29,9 @@ def magnetic_tile_root() -> Path:
     if not (MAGNETIC_TILE_ROOT / "MT_Free" / "Imgs").is_dir():
         pytest.skip(f"real Magnetic Tile data not found under {MAGNETIC_TILE_ROOT}")
     return MAGNETIC_TILE_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small Folder data set (64 px), built once per session."""
+    return make_tiny_folder(mvtec_root, tmp_path_factory.mktemp("tiny_folder"))

@@ -9,13 +9,13 @@ import pytest
 import torch
 from anomalib.data import ImageBatch, MVTecAD
 from PIL import Image
-from test_resume import tiny_datamodule, tiny_engine, tiny_folder, tiny_gcaflow  # noqa: F401 - tiny_folder is a fixture
+from tiny_training import tiny_datamodule, tiny_engine, tiny_gcaflow
 
 from anomalib_gcaflow.data_checks import check_datasets, check_finite_images, explain_setup_failure
 
 
 @pytest.fixture
-def folder(tiny_folder: Path, tmp_path: Path) -> Path:  # noqa: F811 - the imported fixture is used here
+def folder(tiny_folder: Path, tmp_path: Path) -> Path:
     """A fresh, writable copy of the small real-data Folder data set."""
     return Path(shutil.copytree(tiny_folder, tmp_path / "data"))
 

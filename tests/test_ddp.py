@@ -13,7 +13,7 @@ import pytest
 import torch
 from anomalib.metrics import AUROC, AnomalibMetric, Evaluator, F1Score
 from lightning.pytorch import seed_everything
-from test_resume import tiny_datamodule, tiny_engine, tiny_folder, tiny_gcaflow  # noqa: F401 - tiny_folder is a fixture
+from tiny_training import tiny_datamodule, tiny_engine, tiny_gcaflow
 from torchmetrics import Metric
 
 TEST_IMAGES = 7  # tiny_folder: 4 normal + 3 anomalous
@@ -67,7 +67,7 @@ def _train_and_test(data: Path, root_dir: Path, processes: int) -> tuple[dict, d
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_and_counts_each_image_once(tiny_folder: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_two_process_ddp_matches_one_process_and_counts_each_image_once(tiny_folder: Path, tmp_path: Path) -> None:
     one_validation, one_test, one_weights = _train_and_test(tiny_folder, tmp_path / "one", processes=1)
     ddp_validation, ddp_test, ddp_weights = _train_and_test(tiny_folder, tmp_path / "ddp", processes=2)
 

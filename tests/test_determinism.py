@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import seed_everything
-from test_resume import tiny_datamodule, tiny_engine, tiny_folder, tiny_gcaflow  # noqa: F401 - tiny_folder is a fixture
+from tiny_training import tiny_datamodule, tiny_engine, tiny_gcaflow
 
 
 def _train_and_test(data: Path, root_dir: Path, seed: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -17,7 +17,7 @@ def _train_and_test(data: Path, root_dir: Path, seed: int) -> tuple[dict[str, fl
 
 
 @pytest.mark.slow
-def test_same_seed_same_metrics_twice(tiny_folder: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_same_seed_same_metrics_twice(tiny_folder: Path, tmp_path: Path) -> None:
     first_metrics, first_weights = _train_and_test(tiny_folder, tmp_path / "first", seed=3)
     second_metrics, second_weights = _train_and_test(tiny_folder, tmp_path / "second", seed=3)
     assert first_metrics == second_metrics

@@ -148,9 +148,9 @@ def test_negative_budget_is_rejected() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def noise_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Ten normal and two abnormal 48x48 RGB images."""
-    root = tmp_path_factory.mktemp("tiny_folder")
+    root = tmp_path_factory.mktemp("noise_folder")
     rng = np.random.default_rng(0)
     for folder, count in (("good", 10), ("bad", 2)):
         (root / folder).mkdir()
@@ -221,9 +221,9 @@ def test_a_pickled_model_carries_no_cached_features() -> None:
     assert not any("feature_cache" in key for key in model.state_dict())
 
 
-def test_same_seed_gives_the_same_weights_with_and_without_the_cache(tiny_folder: Path) -> None:
-    cached, initial, _ = _fit(tiny_folder, cache_features=True)
-    uncached, _, _ = _fit(tiny_folder, cache_features=False)
+def test_same_seed_gives_the_same_weights_with_and_without_the_cache(noise_folder: Path) -> None:
+    cached, initial, _ = _fit(noise_folder, cache_features=True)
+    uncached, _, _ = _fit(noise_folder, cache_features=False)
     # 8 training images (Folder moves 2 normal ones to the test split): epoch 1 fills the cache, epoch 2 hits.
     assert (cached.feature_cache.misses, cached.feature_cache.hits) == (8, 8)
     assert len(cached.feature_cache) == 0  # freed when training ends
@@ -234,11 +234,11 @@ def test_same_seed_gives_the_same_weights_with_and_without_the_cache(tiny_folder
 
 
 def test_cache_is_off_when_training_augmentations_are_random(
-    tiny_folder: Path,
+    noise_folder: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.INFO, logger="anomalib_gcaflow.lightning_model"):
-        model, _, _ = _fit(tiny_folder, cache_features=True, train_augmentations=v2.RandomHorizontalFlip())
+        model, _, _ = _fit(noise_folder, cache_features=True, train_augmentations=v2.RandomHorizontalFlip())
     assert (model.feature_cache.hits, model.feature_cache.misses) == (0, 0)
     assert any("feature cache off" in record.getMessage() for record in caplog.records)
 
@@ -257,14 +257,14 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_cached_images_are_read_once_and_the_data_module_gets_its_training_set_back(
-    tiny_folder: Path,
+    noise_folder: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     num_workers: int,
 ) -> None:
     log = tmp_path / "reads.txt"
     _count_reads(monkeypatch, log)
-    model, _, datamodule = _fit(tiny_folder, cache_features=True, num_workers=num_workers)
+    model, _, datamodule = _fit(noise_folder, cache_features=True, num_workers=num_workers)
     training_images = [str(path) for path in datamodule.train_data.samples.image_path]
     assert len(training_images) == 8
     reads = Counter(log.read_text().splitlines())
@@ -275,15 +275,15 @@ def test_cached_images_are_read_once_and_the_data_module_gets_its_training_set_b
     assert not isinstance(datamodule.train_data, CachedImagePlaceholders)
 
 
-def test_forked_workers_give_the_same_weights(tiny_folder: Path) -> None:
-    in_process, _, _ = _fit(tiny_folder, cache_features=True)
-    with_workers, _, _ = _fit(tiny_folder, cache_features=True, num_workers=2)
+def test_forked_workers_give_the_same_weights(noise_folder: Path) -> None:
+    in_process, _, _ = _fit(noise_folder, cache_features=True)
+    with_workers, _, _ = _fit(noise_folder, cache_features=True, num_workers=2)
     for name, tensor in in_process.model.flow.state_dict().items():
         assert torch.equal(tensor, with_workers.model.flow.state_dict()[name]), name
 
 
-def test_placeholders_store_one_element_and_never_stand_in_for_an_uncached_image(tiny_folder: Path) -> None:
-    datamodule = Folder(name="tiny", root=tiny_folder, normal_dir="good", abnormal_dir="bad", num_workers=0, seed=0)
+def test_placeholders_store_one_element_and_never_stand_in_for_an_uncached_image(noise_folder: Path) -> None:
+    datamodule = Folder(name="tiny", root=noise_folder, normal_dir="good", abnormal_dir="bad", num_workers=0, seed=0)
     datamodule.setup("fit")
     dataset = datamodule.train_data
     cache = FeatureCache()
