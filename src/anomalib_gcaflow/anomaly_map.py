@@ -1,9 +1,16 @@
-"""MSFlow's post-processing: additive likelihood map for pixels, multiplicative map's top-K mean for images.
+"""MSFlow's post-processing: additive likelihood map for pixels, top-K of the multiplicative map for images.
+
+MSFlow (Zhou et al., IEEE TNNLS 2024, https://github.com/cool-xuan/msflow) scores an image by the mean of the K
+largest values of ``A_mul = 1 - exp(L - max L)``. That number crowds against 1 as soon as the least likely pixels
+are a few tens of nats below the most likely one, which is every image of a briefly trained model: in fp32 it rounds
+to exactly 1.0 (ties), and even in fp64 it saturates near 36 nats. The score here is ``-log(1 - s)`` of MSFlow's
+``s``, computed in the log domain, where it never saturates and ranks images exactly as MSFlow's formula does.
 
 Every normalisation is per image (its own maximum), never over the batch or the data set, so an image gets the
 same map and score whatever batch it is in.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,9 +25,11 @@ class AnomalyMapGenerator(nn.Module):
     size, ``align_corners=True``):
 
     * additive map: ``P = sum_i Up(exp(l_i - max l_i))``, pixel anomaly map ``max P - P`` (localisation);
-    * multiplicative map: ``L = sum_i Up(l_i)`` (a product of likelihoods, interpolated in the log domain),
-      ``A_mul = 1 - exp(L - max L)``; the image score is the mean of its ``K = floor(top_k * H * W)`` largest
-      values (detection).
+    * image score: with ``L = sum_i Up(l_i)`` (a product of likelihoods, interpolated in the log domain) and the
+      ``K = floor(top_k * H * W)`` least likely pixels ``P_K``,
+      ``max L - log(mean_{p in P_K} exp(L_p))``, which equals ``-log(1 - s)`` for MSFlow's score
+      ``s = mean_K(1 - exp(L - max L))``: strictly increasing in ``s``, so it ranks images identically, but free
+      of ``s``'s saturation at 1 (detection).
 
     Args:
         top_k (float, optional): Fraction of pixels averaged into the image score. Defaults to 0.03.
@@ -51,32 +60,32 @@ class AnomalyMapGenerator(nn.Module):
         self,
         latents: Sequence[torch.Tensor],
         image_size: Sequence[int],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the maps and the score.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the map and the score.
 
         Args:
             latents (Sequence[torch.Tensor]): One ``(B, C_i, h_i, w_i)`` latent per scale.
             image_size (Sequence[int]): ``(H, W)`` of the input image.
 
         Returns:
-            tuple[torch.Tensor, torch.Tensor, torch.Tensor]: Pixel anomaly map ``(B, 1, H, W)`` (>= 0), image score
-            ``(B,)`` and multiplicative anomaly map ``(B, 1, H, W)`` (in ``[0, 1]``), all fp32.
+            tuple[torch.Tensor, torch.Tensor]: Pixel anomaly map ``(B, 1, H, W)`` (>= 0) and image score ``(B,)``
+            (>= 0, in nats), both fp32.
         """
         size = (int(image_size[0]), int(image_size[1]))
         additive = 0.0
         log_product = 0.0
         for z in latents:
-            log_likelihood = -0.5 * z.float().square().mean(dim=1, keepdim=True)
+            # fp32 at least, also under autocast; fp64 stays fp64.
+            log_likelihood = -0.5 * z.to(torch.promote_types(z.dtype, torch.float32)).square().mean(dim=1, keepdim=True)
             likelihood = torch.exp(log_likelihood - log_likelihood.amax(dim=(2, 3), keepdim=True))
             additive = additive + _upsample(likelihood, size)
             log_product = log_product + _upsample(log_likelihood, size)
         anomaly_map = additive.amax(dim=(2, 3), keepdim=True) - additive
-        # In fp32, 1 - exp(-d) rounds to exactly 1 for d > ~17 nats, so a weakly trained model would give many
-        # images the same score of 1.0; fp64 keeps them apart up to ~36 nats.
-        log_product = log_product.double()
-        multiplicative_map = -torch.expm1(log_product - log_product.amax(dim=(2, 3), keepdim=True))
-        top = multiplicative_map.flatten(1).topk(self.num_top_pixels(size), dim=1).values
-        return anomaly_map, top.mean(dim=1).float(), multiplicative_map.float()
+        k = self.num_top_pixels(size)
+        log_product = log_product.flatten(1)
+        least_likely = -(-log_product).topk(k, dim=1).values
+        score = log_product.amax(dim=1) - (torch.logsumexp(least_likely, dim=1) - math.log(k))
+        return anomaly_map, score
 
 
 def _upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

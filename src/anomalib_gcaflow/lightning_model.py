@@ -33,7 +33,8 @@ from anomalib_gcaflow.feature_cache import (
     training_transforms,
 )
 from anomalib_gcaflow.loss import GCAFlowLoss
-from anomalib_gcaflow.schedule import warmup_step_factor
+from anomalib_gcaflow.post_processor import RankPreservingPostProcessor
+from anomalib_gcaflow.schedule import PAPER_EPOCHS, budget_schedule, warmup_step_factor
 from anomalib_gcaflow.torch_model import GCAFlowModel
 
 PAPER_IMAGE_SIZE = (512, 512)
@@ -65,8 +66,11 @@ class GCAFlow(AnomalibModule):
         activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
         top_k (float, optional): Fraction of pixels averaged into the image score. Defaults to 0.03.
         lr (float, optional): Adam learning rate. Defaults to 1e-4.
-        warmup_epochs (int, optional): Linear warm-up from 0.1x lr. Defaults to 12.
-        milestones (Sequence[int], optional): Epochs of the step decay. Defaults to ``(70, 90)``.
+        warmup_epochs (int | None, optional): Epochs of linear warm-up from 0.1x lr; ``None`` takes 12 % of the
+            epoch budget (12 of the paper's 100). Defaults to ``None``.
+        milestones (Sequence[int] | None, optional): Epochs of the step decay; ``None`` takes 70 % and 90 % of the
+            epoch budget (the paper's 70 and 90 of 100). The budget is the smaller of ``max_epochs`` and the
+            trainer's ``max_epochs``. Defaults to ``None``.
         gamma (float, optional): Step-decay factor. Defaults to 0.33.
         max_epochs (int | None, optional): Epoch budget of the recipe: training stops after it even where the
             trainer allows more (``anomalib benchmark`` cannot set trainer options). A smaller
@@ -84,7 +88,8 @@ class GCAFlow(AnomalibModule):
             batches pay the compilation). Defaults to ``False``.
         pre_processor (PreProcessor | bool, optional): Pre-processor, or ``True`` for resize + the backbone's own
             normalisation. Defaults to ``True``.
-        post_processor (PostProcessor | bool, optional): Post-processor. Defaults to ``True``.
+        post_processor (PostProcessor | bool, optional): Post-processor, or ``True`` for anomalib's with a
+            rank-preserving normalisation (:class:`RankPreservingPostProcessor`). Defaults to ``True``.
         evaluator (Evaluator | bool, optional): Evaluator. Defaults to ``True`` (image/pixel AUROC, F1, AUPRO).
         visualizer (Visualizer | bool, optional): Visualizer. Defaults to ``True``.
     """
@@ -106,8 +111,8 @@ class GCAFlow(AnomalibModule):
         activation: str = "gelu",
         top_k: float = 0.03,
         lr: float = 1e-4,
-        warmup_epochs: int = 12,
-        milestones: Sequence[int] = (70, 90),
+        warmup_epochs: int | None = None,
+        milestones: Sequence[int] | None = None,
         gamma: float = 0.33,
         max_epochs: int | None = 100,
         grad_clip_norm: float = 2.0,
@@ -174,6 +179,15 @@ class GCAFlow(AnomalibModule):
         )
 
     @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's post-processor with a normalisation that never ties two scores (see ``post_processor``).
+
+        Returns:
+            PostProcessor: A :class:`RankPreservingPostProcessor`.
+        """
+        return RankPreservingPostProcessor()
+
+    @staticmethod
     def configure_evaluator() -> Evaluator:
         """Image and pixel AUROC and F1, and pixel AUPRO (the PRO curve's area up to 30 % FPR).
 
@@ -229,17 +243,20 @@ class GCAFlow(AnomalibModule):
         return batch.update(**predictions._asdict())
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[LambdaLR]]:
-        """Adam on the flow's parameters with MSFlow's per-epoch warm-up and step decay.
+        """Adam on the flow's parameters with MSFlow's per-epoch warm-up and step decay, scaled to the budget.
 
         Returns:
             tuple[list[torch.optim.Optimizer], list[LambdaLR]]: The optimiser and its scheduler.
         """
         optimizer = torch.optim.Adam(self.model.flow.parameters(), lr=self.hparams.lr)
+        milestones = self.hparams.milestones
+        warmup_epochs, milestones = budget_schedule(
+            self.epoch_budget,
+            self.hparams.warmup_epochs,
+            None if milestones is None else tuple(milestones),
+        )
         factor = partial(
-            warmup_step_factor,
-            warmup_epochs=self.hparams.warmup_epochs,
-            milestones=tuple(self.hparams.milestones),
-            gamma=self.hparams.gamma,
+            warmup_step_factor, warmup_epochs=warmup_epochs, milestones=milestones, gamma=self.hparams.gamma
         )
         return [optimizer], [LambdaLR(optimizer, factor)]
 
@@ -359,6 +376,18 @@ class GCAFlow(AnomalibModule):
         # First, so that it sees training batches before the pre-processor transforms them.
         return [SkipCachedImageReads(), *components, DataCheck(), LastEpochCheckpoint(), DistributedEvaluation()]
 
+    @property
+    def epoch_budget(self) -> int:
+        """Epochs this fit will train: the smaller of ``max_epochs`` and the trainer's, else the paper's 100.
+
+        Returns:
+            int: The budget the learning-rate schedule is scaled to.
+        """
+        trainer = self._trainer
+        limits = [self.hparams.max_epochs, trainer.max_epochs if trainer is not None else None]
+        limits = [int(limit) for limit in limits if limit is not None and limit > 0]
+        return min(limits, default=PAPER_EPOCHS)
+
     def on_train_epoch_end(self) -> None:
         """Stop at the recipe's epoch budget, whatever larger budget the trainer has."""
         if self.hparams.max_epochs is not None and self.current_epoch + 1 >= self.hparams.max_epochs:
@@ -386,7 +415,7 @@ class GCAFlow(AnomalibModule):
 def _validate_recipe(
     image_size: Sequence[int],
     lr: float,
-    warmup_epochs: int,
+    warmup_epochs: int | None,
     gamma: float,
     max_epochs: int | None,
     grad_clip_norm: float,
@@ -397,7 +426,7 @@ def _validate_recipe(
         problems.append(f"image_size must be (H, W) with both >= 32, got {list(image_size)}")
     if not lr > 0:
         problems.append(f"lr must be positive, got {lr}")
-    if warmup_epochs < 0:
+    if warmup_epochs is not None and warmup_epochs < 0:
         problems.append(f"warmup_epochs must be >= 0, got {warmup_epochs}")
     if not gamma > 0:
         problems.append(f"gamma must be positive, got {gamma}")

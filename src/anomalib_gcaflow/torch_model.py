@@ -119,5 +119,5 @@ class GCAFlowModel(nn.Module):
         latents, log_det = self.flow(features)
         if self.training:
             return latents, log_det
-        anomaly_map, pred_score, _ = self.anomaly_map_generator(latents, images.shape[-2:])
+        anomaly_map, pred_score = self.anomaly_map_generator(latents, images.shape[-2:])
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

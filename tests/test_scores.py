@@ -1,0 +1,124 @@
+"""Image scores that never saturate, a normalisation that never ties, and a schedule that follows the budget."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.post_processing import PostProcessor
+
+from anomalib_gcaflow import GCAFlow
+from anomalib_gcaflow.anomaly_map import AnomalyMapGenerator
+from anomalib_gcaflow.post_processor import RankPreservingPostProcessor
+from anomalib_gcaflow.schedule import budget_schedule, warmup_step_factor
+
+SIZE = (64, 64)
+
+
+def _latents(spread: float, images: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    """Latents whose per-pixel log-likelihoods spread over about ``spread`` nats, fp64."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(images, c, s, s, generator=generator, dtype=torch.float64) * spread ** 0.5
+        + torch.rand(images, 1, 1, 1, generator=generator, dtype=torch.float64) * spread ** 0.5
+        for c, s in ((8, 16), (16, 8), (32, 4))
+    ]
+
+
+def _msflow_score(latents: list[torch.Tensor], top_k: float = 0.03) -> torch.Tensor:
+    """MSFlow's formula, written out independently: mean of the top-K of ``1 - exp(L - max L)``, fp64."""
+    log_product = sum(
+        F.interpolate(-0.5 * z.square().mean(1, keepdim=True), size=SIZE, mode="bilinear", align_corners=True)
+        for z in latents
+    ).flatten(1)
+    multiplicative = 1 - torch.exp(log_product - log_product.amax(1, keepdim=True))
+    return multiplicative.topk(int(top_k * SIZE[0] * SIZE[1]), dim=1).values.mean(1)
+
+
+def test_score_is_minus_log_one_minus_msflow_score() -> None:
+    latents = _latents(spread=2.0)
+    ours = AnomalyMapGenerator()(latents, SIZE)[1]
+    msflow = _msflow_score(latents)
+    assert ours.dtype == torch.float64
+    assert torch.allclose(ours, -torch.log1p(-msflow), rtol=1e-9, atol=0)
+    # The same order on every image.
+    assert torch.equal(ours.argsort(), msflow.argsort())
+
+
+def test_score_keeps_images_apart_where_msflow_saturates() -> None:
+    latents = [z.float() for z in _latents(spread=400.0)]
+    msflow = _msflow_score([z.double() for z in latents]).float()
+    ours = AnomalyMapGenerator()(latents, SIZE)[1]
+    assert len(torch.unique(msflow)) < 4, "the test needs latents on which MSFlow's fp32 score saturates"
+    assert len(torch.unique(ours)) == len(ours)
+    assert torch.isfinite(ours).all()
+
+
+def test_post_processor_preserves_rank_and_threshold() -> None:
+    post, stock = RankPreservingPostProcessor(), PostProcessor()
+    for processor in (post, stock):
+        processor.image_min.fill_(10.0)
+        processor.image_max.fill_(20.0)
+        processor._image_threshold.fill_(12.0)
+    scores = torch.tensor([-1e6, 0.0, 9.0, 10.0, 11.0, 12.0, 13.0, 17.5, 20.0, 30.0, 1e3, 1e5])
+    ours = post._normalize(scores, post.image_min, post.image_max, post.image_threshold)
+    theirs = stock._normalize(scores, stock.image_min, stock.image_max, stock.image_threshold)
+    assert len(torch.unique(theirs)) < len(scores), "anomalib's clamp ties scores outside the range"
+    assert (ours.diff() > 0).all()
+    assert ((ours > 0) & (ours < 1)).all()
+    assert ours[scores == 12.0].item() == 0.5
+    # Same labels at the default sensitivity, and the same slope at the threshold.
+    assert torch.equal(ours > post.normalized_image_threshold, theirs > stock.normalized_image_threshold)
+    near = torch.tensor([12.0, 12.01])
+    slope = post._normalize(near, post.image_min, post.image_max, post.image_threshold).diff() / 0.01
+    assert slope.item() == pytest.approx(0.1, rel=1e-2)
+
+
+def test_gcaflow_uses_the_rank_preserving_post_processor() -> None:
+    model = GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1))
+    assert isinstance(model.post_processor, RankPreservingPostProcessor)
+
+
+def test_schedule_follows_the_budget() -> None:
+    assert budget_schedule(100) == (12, (70, 90))
+    assert budget_schedule(20) == (2, (14, 18))
+    assert budget_schedule(5) == (1, (4, 5))
+    assert budget_schedule(1) == (0, (1, 1))
+    assert budget_schedule(20, warmup_epochs=0, milestones=(10,)) == (0, (10,))
+    # 100 epochs is exactly the paper's schedule.
+    warmup, milestones = budget_schedule(100)
+    rates = [1e-4 * warmup_step_factor(e, warmup, milestones, 0.33) for e in (0, 12, 70, 90)]
+    assert rates == pytest.approx([1e-5, 1e-4, 3.3e-5, 1.089e-5])
+    with pytest.raises(ValueError, match="budget"):
+        budget_schedule(0)
+
+
+@pytest.mark.parametrize(("model_epochs", "trainer_epochs", "budget"), [(100, 20, 20), (5, 50, 5), (None, 8, 8)])
+def test_gcaflow_schedule_budget_is_the_smaller_limit(
+    model_epochs: int | None,
+    trainer_epochs: int,
+    budget: int,
+) -> None:
+    model = GCAFlow(
+        backbone="tf_efficientnet_lite0",
+        pre_trained=False,
+        image_size=(64, 64),
+        depths=(1, 1, 1),
+        lr=1.0,
+        max_epochs=model_epochs,
+    )
+
+    class _Trainer:
+        max_epochs = trainer_epochs
+
+    model._trainer = _Trainer()
+    assert model.epoch_budget == budget
+    _, [scheduler] = model.configure_optimizers()
+    warmup, milestones = budget_schedule(budget)
+    expected = [warmup_step_factor(e, warmup, milestones, 0.33) for e in range(budget)]
+    seen = []
+    for _ in range(budget):
+        seen.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    assert seen == pytest.approx(expected)
+    assert math.isclose(seen[-1], 0.33 ** sum(budget - 1 >= m for m in milestones))
