@@ -14,7 +14,7 @@ Protocol (the same for every model): the same frozen pretrained backbone network
 the same epoch budget and batch size, metrics of the LAST epoch (no model selection on the test set), the same
 evaluator. A run whose JSON already exists with the same protocol is skipped, so an interrupted run resumes.
 
-Usage, from the repository root (``python benchmarks/accuracy.py`` works as well)::
+Usage, from the repository root::
 
     python -m benchmarks.accuracy --out benchmarks/results               # CPU budget, about an hour on 2 cores
     python -m benchmarks.accuracy --out results_paper --paper-scale \\
@@ -43,10 +43,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not __package__:
-    # Run as a file (python benchmarks/accuracy.py): make the repository's ``benchmarks`` package importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import timm
 import torch
@@ -69,13 +65,8 @@ from anomalib_gcaflow.data.magnetic_tile import (
 )
 from benchmarks.baselines import FASTFLOW_LAYERS, SharedBackboneFastflow
 from benchmarks.environment import machine, versions
-from benchmarks.speed import (
-    flow_gflop_per_image,
-    inference_timing,
-    machine_peak_gflops,
-    model_gflop_per_image,
-    peak_training_memory_mb,
-)
+from benchmarks.flops import flow_gflop_per_image, model_gflop_per_image
+from benchmarks.speed import inference_timing, machine_peak_gflops, peak_training_memory_mb
 from benchmarks.timing import EpochTimer, cpu_seconds
 from benchmarks.variants import ACCURACY_GRID, VARIANTS
 

@@ -331,13 +331,12 @@ def run_study(settings: Settings) -> dict[str, Any]:
     start, load_start = time.perf_counter(), load_average()
     accuracy._mkdir(settings.data.out / "runs")
     backbones: dict[str, accuracy.SharedBackbone] = {}
-    records, failures, kept = [], [], 0
+    failures, done, kept = [], 0, 0
     planned = jobs(settings)
     for index, (dataset, model, seed, budget, eval_epochs) in enumerate(planned, start=1):
         path = record_path(settings, dataset, model, seed, budget)
         if path.is_file():
             logger.warning("[%d/%d] %s on %s, seed %d: done before, kept", index, len(planned), model, dataset, seed)
-            records.append(json.loads(path.read_text()))
             kept += 1
             continue
         logger.warning("[%d/%d] %s on %s, seed %d, %d epochs", index, len(planned), model, dataset, seed, budget)
@@ -352,12 +351,17 @@ def run_study(settings: Settings) -> dict[str, Any]:
             gc.collect()
         accuracy._write_json(path, record)
         path.with_suffix(".failed.json").unlink(missing_ok=True)
-        records.append(record)
+        done += 1
+    # Every record of this protocol in --out, also those of other invocations (split by model, data set or seed).
+    records = [
+        json.loads(path.read_text())
+        for path in sorted(settings.data.out.glob(f"runs/*__{settings.study.digest()}.json"))
+    ]
     summary = summarise(records, settings.study)
     summary |= {
         "command": settings.argv,
         "failed_runs": failures,
-        "invocation": {"seconds": time.perf_counter() - start, "runs_done": len(records) - kept, "runs_kept": kept},
+        "invocation": {"seconds": time.perf_counter() - start, "runs_done": done, "runs_kept": kept},
         "versions": versions(),
         "machine": machine(settings.study.base.device) | {"cpu_flags": cpu_flags()},
         "load_average": load_record(load_start, load_average()),

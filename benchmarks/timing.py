@@ -12,13 +12,13 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch import Callback, Trainer
 
 
-def synchronize(device: str) -> None:
+def synchronize(device: torch.device | str) -> None:
     """Wait for queued GPU work, so that a clock read after it includes it.
 
     Args:
-        device: ``"cpu"`` or ``"cuda"``.
+        device: The device measured; nothing happens for the CPU.
     """
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
