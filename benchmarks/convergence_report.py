@@ -1,0 +1,179 @@
+"""The convergence study's summary (mean +- sample std over seeds per model and epoch), table and plot."""
+
+from __future__ import annotations
+
+import shlex
+from collections import defaultdict
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from benchmarks.accuracy import DATASET_LABELS, MODEL_LABELS
+
+METRICS = ("image_AUROC", "pixel_AUROC", "PRO")
+TIMES = ("train_s", "train_cpu_s", "eval_s")
+
+
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (``None`` for fewer than two values).
+
+    Args:
+        values: One value per seed.
+
+    Returns:
+        dict[str, float | None]: ``{"mean", "std"}``.
+    """
+    return {
+        "mean": float(np.mean(values)) if values else None,
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+    }
+
+
+def summarise(records: list[dict[str, Any]], study: Any) -> dict[str, Any]:  # noqa: ANN401
+    """Aggregate the records: per data set, model and evaluated epoch, mean +- std of metrics and times over seeds.
+
+    Args:
+        records: Run records of this protocol.
+        study: The protocol (``benchmarks.convergence.Study``).
+
+    Returns:
+        dict[str, Any]: ``summary[dataset][model]`` = list of per-epoch entries, plus the protocol and every run.
+    """
+    grouped: dict[tuple[str, str, int], list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
+    for record in records:
+        for point in record["points"]:
+            grouped[record["dataset"], record["model"], point["epoch"]].append((record, point))
+    summary: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (dataset, model, epoch), pairs in sorted(grouped.items()):
+        entry: dict[str, Any] = {"epoch": epoch, "seeds": sorted(r["seed"] for r, _ in pairs)}
+        entry |= {metric: _mean_std([p["metrics"][metric] for _, p in pairs]) for metric in METRICS}
+        entry |= {time: _mean_std([p[time] for _, p in pairs]) for time in TIMES}
+        final = [r["anomalib_test"]["metrics"] for r, p in pairs if p["epoch"] == r["budget"]]
+        entry["anomalib_test"] = {
+            metric: _mean_std([f[metric] for f in final if f[metric] is not None]) for metric in METRICS
+        }
+        summary.setdefault(dataset, {}).setdefault(model, []).append(entry)
+    return {
+        "schema": 1,
+        "benchmark": "convergence",
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "protocol": asdict(study),
+        "protocol_digest": study.digest(),
+        "data": {r["dataset"]: r["data"] for r in records},
+        "summary": summary,
+        "runs": [
+            {
+                key: r[key]
+                for key in ("model", "dataset", "seed", "kind", "budget", "points", "anomalib_test", "timings")
+            }
+            | {"load_average": r["load_average"]}
+            for r in records
+        ],
+    }
+
+
+def _cell(stats: dict[str, float | None], scale: float = 100.0, digits: int = 1) -> str:
+    """Format ``mean ± std`` (just the mean for one seed).
+
+    Args:
+        stats: ``{"mean", "std"}``.
+        scale: Factor applied to both.
+        digits: Decimals.
+
+    Returns:
+        str: The cell.
+    """
+    if stats["mean"] is None:
+        return "-"
+    text = f"{scale * stats['mean']:.{digits}f}"
+    return text + (f" ± {scale * stats['std']:.{digits}f}" if stats["std"] is not None else "")
+
+
+def write_markdown(summary: dict[str, Any], path: Path) -> None:
+    """Write the table: per data set, model and evaluated epoch.
+
+    Args:
+        summary: Content of ``convergence.json``.
+        path: Target ``.md`` file.
+    """
+    base = summary["protocol"]["base"]
+    machine, load = summary["machine"], summary["load_average"]
+    lines = [
+        "# Convergence study",
+        "",
+        f"Produced by `{shlex.join(summary['command'])}` at {summary['generated_at']}, commit "
+        f"`{summary['versions']['git']}`, on {machine['cpu']} ({machine['cpus_usable']} usable CPUs, "
+        f"{machine['torch_threads']} torch threads), device `{base['device']}`. Load average at the start "
+        f"{load['start']}, at the end {load['end']}"
+        + (
+            " — the machine was shared, so wall-clock times are inflated; CPU times much less."
+            if load["shared"]
+            else "."
+        )
+        + f" Protocol digest `{summary['protocol_digest']}`.",
+        "",
+        f"Backbone `{base['backbone']}` shared by every model, input {base['image_size']}², batch "
+        f"{base['train_batch_size']}, budget {base['epochs']} epochs "
+        + ("(one run per budget). " if summary["protocol"]["per_budget"] else "(one run, evaluated along the way). ")
+        + "Metrics in percent from the raw model outputs in float64, mean ± sample std over seeds; PRO = AUPRO up "
+        f"to {summary['protocol']['pro_fpr_limit']:g} FPR. Training minutes exclude evaluation. 'anomalib' = "
+        "image AUROC that anomalib's Engine.test reports after the last epoch (post-processed scores).",
+        "",
+    ]
+    for dataset, models in summary["summary"].items():
+        data = summary["data"].get(dataset, {})
+        lines += [
+            f"## {DATASET_LABELS[dataset]}",
+            "",
+            f"{data.get('train_images')} training images, {data.get('test_normal')} normal and "
+            f"{data.get('test_anomalous')} anomalous test images.",
+            "",
+            "| model | epoch | seeds | image AUROC | pixel AUROC | PRO | train min | train CPU-min "
+            "| anomalib image AUROC |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for model, entries in models.items():
+            lines += [
+                f"| {MODEL_LABELS[model]} | {e['epoch']} | {len(e['seeds'])} | "
+                + " | ".join(_cell(e[metric]) for metric in METRICS)
+                + f" | {_cell(e['train_s'], 1 / 60, 2)} | {_cell(e['train_cpu_s'], 1 / 60, 2)} | "
+                f"{_cell(e['anomalib_test']['image_AUROC'])} |"
+                for e in entries
+            ]
+        lines.append("")
+    if summary["failed_runs"]:
+        lines += ["## Failed (rerunning the command retries them)", ""]
+        lines += [f"- {f['model']} on {f['dataset']}, seed {f['seed']}: `{f['error']}`" for f in summary["failed_runs"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(summary: dict[str, Any], path: Path) -> None:
+    """Plot every metric against training CPU-minutes, and image AUROC against epochs, per data set.
+
+    Args:
+        summary: Content of ``convergence.json``.
+        path: Target ``.png`` file.
+    """
+    datasets = list(summary["summary"])
+    figure = Figure(figsize=(18, 4.2 * max(1, len(datasets))), layout="constrained")
+    axes = figure.subplots(max(1, len(datasets)), 4, squeeze=False)
+    for row, dataset in zip(axes, datasets, strict=False):
+        for model, entries in summary["summary"][dataset].items():
+            minutes = [e["train_cpu_s"]["mean"] / 60 for e in entries]
+            epochs = [e["epoch"] for e in entries]
+            style = {"marker": "o", "label": MODEL_LABELS[model], "linestyle": "-" if len(entries) > 1 else "none"}
+            for axis, metric in zip(row[:3], METRICS, strict=True):
+                axis.plot(minutes, [100 * e[metric]["mean"] for e in entries], **style)
+            row[3].plot(epochs, [100 * e["image_AUROC"]["mean"] for e in entries], **style)
+        for axis, metric in zip(row[:3], METRICS, strict=True):
+            axis.set(xscale="log", xlabel="training CPU-minutes", ylabel=f"{metric} (%)")
+        row[3].set(xscale="log", xlabel="training epochs", ylabel="image_AUROC (%)")
+        row[0].set_title(DATASET_LABELS[dataset], loc="left")
+        for axis in row:
+            axis.grid(alpha=0.3)
+        row[3].legend(fontsize=7)
+    figure.savefig(path, dpi=110)

@@ -1,0 +1,90 @@
+"""The convergence study (benchmarks/convergence.py) on a tiny budget, and its float64 metrics."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from anomalib.metrics import AUPRO
+from sklearn.metrics import roc_auc_score
+
+from benchmarks import convergence
+from benchmarks.raw_eval import auroc, pro
+
+
+def test_float64_metrics_match_the_reference_definitions() -> None:
+    """AUROC equals scikit-learn's, PRO equals anomalib's AUPRO where float32 creates no ties, ties count half."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 32, 32), dtype=bool)
+    masks[1, 4:12, 4:12] = masks[2, 20:30, 2:9] = masks[2, 1:4, 25:31] = masks[3, 10:20, 10:20] = True
+    maps = rng.random(masks.shape) + 0.7 * masks
+    labels = masks.reshape(4, -1).any(axis=1).astype(int)
+    scores = maps.reshape(4, -1).max(axis=1)
+    assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert auroc(maps, masks) == pytest.approx(roc_auc_score(masks.reshape(-1), maps.reshape(-1)), abs=1e-12)
+
+    reference = AUPRO(fields=("anomaly_map", "gt_mask"), fpr_limit=0.3)
+    reference.update(SimpleNamespace(anomaly_map=torch.from_numpy(maps).float(), gt_mask=torch.from_numpy(masks).int()))
+    assert pro(maps, masks) == pytest.approx(float(reference.compute()), abs=1e-5)
+
+    # Scores that differ only beyond float32's precision: float64 still ranks them, a tie counts one half.
+    close = 1.0 - np.array([1e-12, 2e-12, 3e-12, 4e-12])
+    assert auroc(close, np.array([1, 1, 0, 0])) == 1.0
+    assert auroc(np.ones(4), np.array([1, 1, 0, 0])) == 0.5
+
+
+def _settings(mvtec_root: Path, tmp_path: Path, *extra: str) -> convergence.Settings:
+    return convergence.parse_args([
+        "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--data-root", str(mvtec_root.parent),
+        "--datasets", "bottle", "--seeds", "0", "--image-size", "64", "--epochs", "2", "--batch-size", "4",
+        "--limit", "4", "--num-workers", "0", "--patchcore-coreset-ratio", "0.1",
+        "--gcaflow-args", "lr=1e-3", "warmup_epochs=0", *extra,
+    ])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tmp_path: Path) -> None:
+    """GCAFlow (evaluated after epochs 1 and 2) and PatchCore: records, summary, resume, and no effect of evaluating."""
+    settings = _settings(mvtec_root, tmp_path, "--models", "gcaflow", "patchcore", "--eval-epochs", "1", "2")
+    summary = convergence.run_study(settings)
+    assert summary["failed_runs"] == [] and summary["invocation"]["runs_done"] == 2
+    runs = sorted((tmp_path / "out" / "runs").glob("*.json"))
+    digest = settings.study.digest()
+    assert [path.name for path in runs] == [
+        f"bottle__gcaflow__seed0__{digest}.json",
+        f"bottle__patchcore__seed0__{digest}.json",
+    ]
+    for path in runs:
+        record = json.loads(path.read_text())
+        trained = record["model"] == "gcaflow"
+        assert record["kind"] == ("trajectory" if trained else "one_pass")
+        assert [point["epoch"] for point in record["points"]] == ([1, 2] if trained else [1])
+        for point in record["points"]:
+            for metric in ("image_AUROC", "pixel_AUROC", "PRO"):
+                assert 0.0 <= point["metrics"][metric] <= 1.0, (path.name, metric)
+            assert point["train_cpu_s"] > 0 and point["eval_s"] > 0
+        if trained:
+            first, last = record["points"]
+            assert last["train_s"] > first["train_s"] and last["train_cpu_s"] > first["train_cpu_s"]
+            assert record["config"]["init_args"]["lr"] == 1e-3 and record["config"]["init_args"]["max_epochs"] == 2
+        assert 0.0 <= record["anomalib_test"]["metrics"]["image_AUROC"] <= 1.0
+        assert record["load_average"]["cpus_usable"] > 0 and "shared" in record["load_average"]
+        assert record["versions"]["git"] and record["machine"]["cpu"]
+    assert set(summary["summary"]["bottle"]) == {"gcaflow", "patchcore"}
+    assert [e["epoch"] for e in summary["summary"]["bottle"]["gcaflow"]] == [1, 2]
+    assert "| GCAFlow (paper defaults) | 2 | 1 |" in (tmp_path / "out" / "convergence.md").read_text()
+    assert (tmp_path / "out" / "convergence.png").read_bytes().startswith(b"\x89PNG")
+
+    written = {path.name: path.stat().st_mtime_ns for path in runs}
+    again = convergence.run_study(settings)
+    assert again["invocation"]["runs_kept"] == 2 and again["invocation"]["runs_done"] == 0
+    assert {path.name: path.stat().st_mtime_ns for path in runs} == written
+
+    # Evaluating after epoch 1 changes nothing of the training: the same final weights as evaluating only at 2.
+    _, evaluated_twice = convergence.train_and_evaluate("gcaflow", "bottle", 0, 2, (1, 2), settings, {})
+    _, evaluated_once = convergence.train_and_evaluate("gcaflow", "bottle", 0, 2, (2,), settings, {})
+    twice, once = evaluated_twice.state_dict(), evaluated_once.state_dict()
+    assert twice.keys() == once.keys()
+    assert all(torch.equal(twice[key], once[key]) for key in twice)
