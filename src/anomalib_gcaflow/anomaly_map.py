@@ -1,5 +1,8 @@
 """MSFlow's post-processing: additive likelihood map for pixels, multiplicative map's top-K mean for images.
 
+Follows MSFlow (Zhou et al., IEEE TNNLS 2024; code https://github.com/cool-xuan/msflow, MIT) and the GCAFlow paper
+(https://doi.org/10.3390/s25103205), which keeps it.
+
 Every normalisation is per image (its own maximum), never over the batch or the data set, so an image gets the
 same map and score whatever batch it is in.
 """

@@ -1,4 +1,8 @@
-"""MSFlow's per-epoch learning-rate schedule: linear warm-up from 0.1x, then step decay."""
+"""MSFlow's per-epoch learning-rate schedule: linear warm-up from 0.1x, then step decay.
+
+Follows MSFlow (Zhou et al., IEEE TNNLS 2024; code https://github.com/cool-xuan/msflow, MIT), whose recipe the
+GCAFlow paper keeps.
+"""
 
 from collections.abc import Sequence
 
