@@ -1,118 +1,108 @@
-"""anomalib-gcaflow start-up hook, run by anomalib_gcaflow_plugin.pth in every interpreter. See docs/plugin.md."""
+"""Makes the bare names ``GCAFlow`` and ``MVTec`` known to the stock ``anomalib`` command (docs/plugin.md).
 
-# Kept small and stdlib-only on purpose: it is imported at EVERY Python start-up of the environment (compiling
-# it from source would cost ~1 ms; editable installs therefore get a byte-compiled copy, see setup.py). It only
-# wraps the loader of watched modules; the work is in anomalib_gcaflow_hook_impl, imported once one has loaded.
+anomalib 2.7 has no plugin registry: jsonargparse resolves ``--model GCAFlow`` only among imported subclasses,
+and ``anomalib.models.get_model`` (``anomalib benchmark``) looks names up in :mod:`anomalib.models`. So
+``anomalib_gcaflow_plugin.pth``, which setup.py installs into site-packages, calls :func:`install` at every
+interpreter start. It puts one finder at the front of ``sys.meta_path`` and imports nothing. The finder lets
+every module pass but three; once one of those has executed, it patches anomalib:
+
+* ``anomalib.data``: :func:`alias_mvtec` adds ``MVTec``, the name ``MVTecAD`` had before anomalib 2.0;
+* ``anomalib.models``: imports ``anomalib_gcaflow``, unless that is importing already;
+* ``anomalib_gcaflow``: :func:`register` adds ``GCAFlow`` to :mod:`anomalib.models`.
+
+stdlib only on purpose: ``wrapt.when_imported`` does the same, but importing ``wrapt`` costs ~70 ms per start.
+"""
+
 import os
 import sys
 
 DISABLE_ENV = "ANOMALIB_GCAFLOW_DISABLE_PLUGIN"
-WATCHED = ("anomalib.data", "anomalib.models", "anomalib_gcaflow")
-_callbacks = {}  # module name -> [callback(module)], run once the module has executed
-_executing = set()  # watched modules whose code is running now
-_finding = set()
-_finder = None
+_aliases = []  # keeps the alias classes alive: __subclasses__, where jsonargparse finds them, holds weak references
 
 
-def is_disabled():
-    return os.environ.get(DISABLE_ENV, "").strip() not in ("", "0")
+def alias_mvtec(data):
+    """Make ``anomalib.data.MVTec`` the class ``MVTecAD`` and ``--data MVTec`` resolve to it. Idempotent.
+
+    jsonargparse resolves a bare ``--data X`` among the imported subclasses named ``X``, and writes their import
+    path into the config. A subclass named ``MVTec`` whose import path is ``anomalib.data.MVTec`` gives the config
+    ``class_path: anomalib.data.MVTec``; importing that path gives ``MVTecAD`` itself, so the datamodule built is a
+    plain ``MVTecAD`` (results under ``<Model>/MVTecAD/<category>``, as with ``--data MVTecAD``).
+
+    Args:
+        data: The module ``anomalib.data``.
+    """
+    if hasattr(data, "MVTec") or not hasattr(data, "MVTecAD"):  # done, or a newer anomalib has its own
+        return
+    _aliases.append(type("MVTec", (data.MVTecAD,), {"__module__": data.__name__}))
+    data.MVTec = data.MVTecAD
+    data.__all__.append("MVTec")
 
 
-def warn(what, exc):
-    msg = f"{what} failed ({type(exc).__name__}: {exc}); continuing without it ({DISABLE_ENV}=1 turns this off)"
-    sys.stderr.write(f"anomalib-gcaflow: {msg}\n")
+def register():
+    """Add ``GCAFlow`` to :mod:`anomalib.models` and ``MVTec`` to :mod:`anomalib.data`. Idempotent.
+
+    Returns:
+        The class ``GCAFlow``.
+    """
+    import anomalib.data as data
+    import anomalib.models as models
+
+    from anomalib_gcaflow.lightning_model import GCAFlow
+
+    alias_mvtec(data)
+    models.GCAFlow = GCAFlow
+    if "GCAFlow" not in models.__all__:
+        models.__all__.append("GCAFlow")
+    return GCAFlow
 
 
-def _call(name, callback, module):
-    try:
-        callback(module)
-    except Exception as exc:  # a plugin must never break the host import
-        warn(f"post-import hook for {name}", exc)
+def _import_package(_models):
+    if "anomalib_gcaflow" not in sys.modules:  # when it is, it is importing now: it registers once it has run
+        import anomalib_gcaflow  # noqa: F401 - its own post-import step registers it
 
 
-def _exec_and_notify(exec_module, name):
-    def exec_and_notify(module):
-        if getattr(module, "__name__", None) != name:  # a loader shared by several modules
-            return exec_module(module)
-        _executing.add(name)
+_AFTER = {"anomalib.data": alias_mvtec, "anomalib.models": _import_package, "anomalib_gcaflow": lambda _: register()}
+
+
+class _Loader:
+    """Runs the real loader, then the module's step of :data:`_AFTER`; the module keeps the real loader."""
+
+    def __init__(self, loader, name):
+        self.loader = loader
+        self.name = name
+
+    def __getattr__(self, attr):  # get_source, is_package, ... before the module runs
+        return getattr(self.loader, attr)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
         try:
-            exec_module(module)
-        finally:
-            _executing.discard(name)
-        module = sys.modules.get(name, module)
-        parent, _, child = name.rpartition(".")
-        if parent in sys.modules:  # importlib binds parent.child only later: callbacks need it now
-            try:
-                setattr(sys.modules[parent], child, module)
-            except (AttributeError, TypeError):
-                pass
-        for callback in list(_callbacks.get(name, ())):
-            _call(name, callback, module)
-
-    return exec_and_notify
+            _AFTER[self.name](module)
+        except Exception as exc:  # a plugin must not break the host's import
+            msg = f"anomalib-gcaflow: patching {self.name} failed ({type(exc).__name__}: {exc}); {DISABLE_ENV}=1"
+            sys.stderr.write(msg + " turns this off\n")
 
 
-class _PostImportFinder:
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _callbacks or fullname in _finding:
+class _Finder:
+    """Finds the modules of :data:`_AFTER` through the other finders and wraps their loaders."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _AFTER:
             return None
-        _finding.add(fullname)
-        try:
-            for finder in sys.meta_path:  # the finders behind us find the real spec
-                find_spec = getattr(finder, "find_spec", None)
-                spec = None if finder is self or find_spec is None else find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-            else:
-                return None
-        finally:
-            _finding.discard(fullname)
-        exec_module = getattr(spec.loader, "exec_module", None)
-        if exec_module is not None:
-            try:  # patch this (per-module) loader instance: __loader__ keeps its genuine type
-                spec.loader.exec_module = _exec_and_notify(exec_module, fullname)
-            except (AttributeError, TypeError):  # e.g. __slots__: wrap it instead
-                from anomalib_gcaflow_hook_impl import LoaderProxy
-
-                spec.loader = LoaderProxy(spec.loader, _exec_and_notify(exec_module, fullname))
-        return spec
-
-    def invalidate_caches(self):
-        pass
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find_spec is None else find_spec(name, path, target)
+            if spec is not None:
+                spec.loader = _Loader(spec.loader, name)
+                return spec
+        return None
 
 
-def loaded(name):
-    """Imported and not executing now (exact for WATCHED and other when_imported names)."""
-    return name in sys.modules and name not in _executing
-
-
-def when_imported(name, callback):
-    """Run callback(module) after module `name` has executed; now, if it is already imported."""
-    _callbacks.setdefault(name, []).append(callback)
-    module = sys.modules.get(name)
-    if loaded(name) and not getattr(getattr(module, "__spec__", None), "_initializing", False):
-        _call(name, callback, module)
-
-
-def _on_watched(module):
-    import anomalib_gcaflow_hook_impl
-
-    anomalib_gcaflow_hook_impl.on_imported(module)
-
-
-def installed():
-    return _finder is not None and _finder in sys.meta_path
-
-
-def install(force=False):
-    """Install the post-import finder (idempotent); False when ANOMALIB_GCAFLOW_DISABLE_PLUGIN is set."""
-    global _finder
-    if is_disabled() and not force:
-        return False
-    if not installed():
-        _finder = _PostImportFinder()
-        sys.meta_path.insert(0, _finder)
-        for name in WATCHED:
-            if _on_watched not in _callbacks.get(name, ()):
-                when_imported(name, _on_watched)
-    return True
+def install():
+    """Put the finder at the front of ``sys.meta_path``, unless ``ANOMALIB_GCAFLOW_DISABLE_PLUGIN`` is set."""
+    if os.environ.get(DISABLE_ENV, "") in ("", "0") and not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())

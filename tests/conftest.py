@@ -4,12 +4,12 @@ import os
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO_ROOT
 from tiny_training import make_tiny_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRUST_REMOTE_CODE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("GCAFLOW_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 MVTEC_ROOT = DATA_ROOT / "mvtec_ad"
 MAGNETIC_TILE_ROOT = DATA_ROOT / "magnetic_tile"

@@ -10,8 +10,7 @@ from types import ModuleType
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

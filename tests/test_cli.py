@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from repo_paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ANOMALIB = Path(sys.executable).with_name("anomalib")
 QUICKSTART = REPO_ROOT / "configs" / "quickstart_cpu.yaml"
 TIMEOUT = 1200

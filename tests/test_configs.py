@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
+from repo_paths import REPO_ROOT
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 STANDALONE = sorted(CONFIGS.glob("*.yaml"))
 OVERRIDES = sorted((CONFIGS / "ablations").glob("*.yaml"))

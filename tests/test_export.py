@@ -27,12 +27,12 @@ import torch
 from anomalib.data import InferenceBatch, MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
+from repo_paths import REPO_ROOT
 from torchvision.io import read_image
 
 from anomalib_gcaflow import GCAFlow
 from anomalib_gcaflow.flow.positional_conv import PositionalConv2d
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (128, 128)
 MODEL_ARGS = {
     "backbone": "tf_efficientnet_lite0",

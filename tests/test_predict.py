@@ -17,10 +17,10 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 from PIL import Image
+from repo_paths import REPO_ROOT
 
 from anomalib_gcaflow import GCAFlow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_ARGS = {
     "backbone": "tf_efficientnet_lite0",
     "image_size": [128, 128],

@@ -13,11 +13,10 @@ import torch
 from anomalib.data import Folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
+from repo_paths import REPO_ROOT
 
 from anomalib_gcaflow import GCAFlow, MultiScaleFlow
 from anomalib_gcaflow.loss import GCAFlowLoss
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

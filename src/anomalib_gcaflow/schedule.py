@@ -1,8 +1,8 @@
 """MSFlow's per-epoch learning-rate schedule (linear warm-up from 0.1x, then step decay), scaled to any budget.
 
-MSFlow (Zhou et al., IEEE TNNLS 2024, https://github.com/cool-xuan/msflow) and the GCAFlow paper train 100 epochs
-with 12 warm-up epochs and decay at epochs 70 and 90. Expressed as fractions of the budget (0.12, 0.7, 0.9), the
-same shape serves a 5- or 20-epoch run, and a 100-epoch run gets exactly the paper's epochs.
+MSFlow (Zhou et al., IEEE TNNLS 2024; code https://github.com/cool-xuan/msflow, MIT) and the GCAFlow paper train
+100 epochs with 12 warm-up epochs and decay at epochs 70 and 90. Expressed as fractions of the budget (0.12, 0.7,
+0.9), the same shape serves a 5- or 20-epoch run, and a 100-epoch run gets exactly the paper's epochs.
 """
 
 from collections.abc import Sequence

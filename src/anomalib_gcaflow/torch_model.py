@@ -1,4 +1,8 @@
-"""GCAFlowModel: frozen backbone -> 2x average pooling -> MultiScaleFlow -> anomaly map and score."""
+"""GCAFlowModel: frozen backbone -> 2x average pooling -> MultiScaleFlow -> anomaly map and score.
+
+MSFlow's pipeline (https://github.com/cool-xuan/msflow, MIT) with GCAFlow's flow (Liao et al., Sensors 2025,
+https://doi.org/10.3390/s25103205).
+"""
 
 from collections.abc import Sequence
 

@@ -1,5 +1,8 @@
 """Turn the Magnetic Tile defect data set, as downloaded, into a folder anomalib's ``Folder`` data module reads.
 
+Data set: Huang, Qiu and Yuan, "Surface defect saliency of magnetic tile", The Visual Computer, 2020;
+https://github.com/abin24/Magnetic-tile-defect-datasets.
+
 The data set's own layout is ``MT_<Type>/Imgs/<name>.jpg`` with the pixel mask ``<name>.png`` beside it;
 ``MT_Free`` holds the defect-free tiles. ``Folder`` cannot read that directly: pointed at an ``Imgs`` folder it
 takes the ``.png`` masks for images, and the masks are not binary (anomalib keeps only pixels equal to 255, so most
