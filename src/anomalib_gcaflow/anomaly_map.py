@@ -1,10 +1,11 @@
 """MSFlow's post-processing: additive likelihood map for pixels, top-K of the multiplicative map for images.
 
 MSFlow (Zhou et al., IEEE TNNLS 2024; code https://github.com/cool-xuan/msflow, MIT) scores an image by the mean
-of the K largest values of ``A_mul = 1 - exp(L - max L)``. That number crowds against 1 as soon as the least likely pixels
-are a few tens of nats below the most likely one, which is every image of a briefly trained model: in fp32 it rounds
-to exactly 1.0 (ties), and even in fp64 it saturates near 36 nats. The score here is ``-log(1 - s)`` of MSFlow's
-``s``, computed in the log domain, where it never saturates and ranks images exactly as MSFlow's formula does.
+of the K largest values of ``A_mul = 1 - exp(L - max L)``. That number crowds against 1 as soon as the least
+likely pixels are a few tens of nats below the most likely one, which is every image of a briefly trained model:
+in fp32 it rounds to exactly 1.0 (ties), and even in fp64 it saturates near 36 nats. The score here is
+``-log(1 - s)`` of MSFlow's ``s``, computed in the log domain, where it never saturates and ranks images exactly as
+MSFlow's formula does.
 
 The GCAFlow paper (https://doi.org/10.3390/s25103205) keeps MSFlow's maps and score.
 
