@@ -108,8 +108,11 @@ def test_paper_parameter_counts() -> None:
     def trainable(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-    assert trainable(MultiScaleFlow((256, 512, 1024))) == 136_202_636
-    assert trainable(MultiScaleFlow((256, 512, 1024), attention="none", subnet="msflow")) == 99_556_224
+    paper = {"data_init": False}
+    assert trainable(MultiScaleFlow((256, 512, 1024), **paper)) == 136_202_636
+    assert trainable(MultiScaleFlow((256, 512, 1024), attention="none", subnet="msflow", **paper)) == 99_556_224
+    # The data-dependent start adds one per-channel shift and scale per scale, nothing else.
+    assert trainable(MultiScaleFlow((256, 512, 1024))) == 136_202_636 + 2 * (256 + 512 + 1024)
 
 
 def test_attention_switch_changes_only_the_fusion_subnets() -> None:

@@ -19,8 +19,8 @@ def _latents(spread: float, images: int = 32, seed: int = 0) -> list[torch.Tenso
     """Latents whose per-pixel log-likelihoods spread over about ``spread`` nats, fp64."""
     generator = torch.Generator().manual_seed(seed)
     return [
-        torch.randn(images, c, s, s, generator=generator, dtype=torch.float64) * spread ** 0.5
-        + torch.rand(images, 1, 1, 1, generator=generator, dtype=torch.float64) * spread ** 0.5
+        torch.randn(images, c, s, s, generator=generator, dtype=torch.float64) * spread**0.5
+        + torch.rand(images, 1, 1, 1, generator=generator, dtype=torch.float64) * spread**0.5
         for c, s in ((8, 16), (16, 8), (32, 4))
     ]
 

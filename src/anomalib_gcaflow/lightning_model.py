@@ -81,6 +81,9 @@ class GCAFlow(AnomalibModule):
             ``gradient_clip_val`` of its own. Defaults to 2.0.
         fold_positional (bool, optional): Fold the positional encoding's convolution (exact, faster).
             Defaults to ``True``.
+        data_init (bool, optional): Start the flow from the data (Glow's ActNorm from the first training batch,
+            couplings at the identity); the first epoch then already scores well. ``False``: the paper's
+            initialisation. Defaults to ``True``.
         cache_features (bool, optional): Compute each training image's backbone features once and reuse them in
             later epochs (same results, less work). Turned off automatically for a fit whose training
             transforms are random. Defaults to ``True``.
@@ -119,6 +122,7 @@ class GCAFlow(AnomalibModule):
         max_epochs: int | None = 100,
         grad_clip_norm: float = 2.0,
         fold_positional: bool = True,
+        data_init: bool = True,
         cache_features: bool = True,
         feature_cache_bytes: int = DEFAULT_CACHE_BYTES,
         compile_flow: bool = False,
@@ -150,6 +154,7 @@ class GCAFlow(AnomalibModule):
             clamp=clamp,
             activation=activation,
             fold_positional=fold_positional,
+            data_init=data_init,
             top_k=top_k,
         )
         self.loss = GCAFlowLoss()

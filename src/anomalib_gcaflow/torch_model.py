@@ -41,6 +41,9 @@ class GCAFlowModel(nn.Module):
         activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
         fold_positional (bool, optional): Fold the positional encoding's convolution (exact, faster).
             Defaults to ``True``.
+        data_init (bool, optional): Start the flow from the data (Glow's ActNorm from the first training batch,
+            couplings at the identity); the first epoch then already scores well. ``False``: the paper's
+            initialisation. Defaults to ``True``.
         top_k (float, optional): Fraction of pixels in the image score. Defaults to 0.03.
     """
 
@@ -59,6 +62,7 @@ class GCAFlowModel(nn.Module):
         clamp: float = 1.9,
         activation: str = "gelu",
         fold_positional: bool = True,
+        data_init: bool = True,
         top_k: float = 0.03,
     ) -> None:
         super().__init__()
@@ -88,6 +92,7 @@ class GCAFlowModel(nn.Module):
             clamp=clamp,
             activation=activation,
             fold_positional=fold_positional,
+            data_init=data_init,
         )
 
     @torch.no_grad()

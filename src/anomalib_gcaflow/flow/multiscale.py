@@ -6,6 +6,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from anomalib_gcaflow.flow.actnorm import ActNorm
 from anomalib_gcaflow.flow.attention import ATTENTIONS
 from anomalib_gcaflow.flow.fusion import FusionAttnFlow
 from anomalib_gcaflow.flow.hflow import HFlowBlock
@@ -38,6 +39,10 @@ class MultiScaleFlow(ShapePreservingModule):
             Defaults to ``"gelu"``.
         fold_positional (bool, optional): Fold the positional encoding's convolution out of the per-image work
             (exact; see ``PositionalConv2d``). Defaults to ``True``.
+        data_init (bool, optional): Start from the data, as Glow does: an :class:`ActNorm` at each scale's entry,
+            set from the first training batch, and every coupling's output layer at zero, so the untrained flow is
+            exactly that standardisation and the first epoch already yields useful likelihoods. ``False`` builds
+            the paper's flow with MSFlow's initialisation (and its parameter count). Defaults to ``True``.
 
     Raises:
         ValueError: If any argument is out of its range (the message names it and the accepted values).
@@ -55,6 +60,7 @@ class MultiScaleFlow(ShapePreservingModule):
         clamp: float = 1.9,
         activation: str = "gelu",
         fold_positional: bool = True,
+        data_init: bool = True,
     ) -> None:
         channels, depths = [int(c) for c in channels], [int(d) for d in depths]
         _validate(channels, depths, kernel_size, expansion, attention, subnet, pos_embed_dim, clamp, activation)
@@ -77,6 +83,13 @@ class MultiScaleFlow(ShapePreservingModule):
         )
         self.permutations = nn.ModuleList(ChannelPermutation(c) for c in channels)
         self.fusion = FusionAttnFlow(channels, attention=attention, clamp=clamp)
+        self.input_norms = nn.ModuleList(ActNorm(c) for c in channels) if data_init else None
+        if data_init:
+            output_layers = [block.subnet[-1] for stack in self.stacks for block in stack]
+            output_layers += [*self.fusion.subnet_p.heads, *self.fusion.subnet_q.heads]
+            for layer in output_layers:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(
         self,
@@ -106,7 +119,11 @@ class MultiScaleFlow(ShapePreservingModule):
             x, fusion_log_det = self.fusion(x, rev=True)
             log_dets.append(fusion_log_det)
         outputs = []
-        for xi, stack, permutation in zip(x, self.stacks, self.permutations, strict=True):
+        norms = self.input_norms if self.input_norms is not None else [None] * len(self.stacks)
+        for xi, norm, stack, permutation in zip(x, norms, self.stacks, self.permutations, strict=True):
+            if norm is not None and not rev:
+                (xi,), norm_log_det = norm((xi,))
+                log_dets.append(norm_log_det)
             if rev:
                 (xi,), _ = permutation((xi,), rev=True)
             for block in reversed(stack) if rev else stack:
@@ -114,6 +131,9 @@ class MultiScaleFlow(ShapePreservingModule):
                 log_dets.append(block_log_det)
             if not rev:
                 (xi,), _ = permutation((xi,))
+            if norm is not None and rev:
+                (xi,), norm_log_det = norm((xi,), rev=True)
+                log_dets.append(norm_log_det)
             outputs.append(xi)
         if not rev:
             outputs, fusion_log_det = self.fusion(outputs)
