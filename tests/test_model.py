@@ -86,11 +86,9 @@ def test_short_training_on_real_good_images_lowers_the_loss(mvtec_root: Path) ->
         optimizer.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0] - 0.2 * abs(losses[0])
-    assert GCAFlowLoss.per_dimension(torch.tensor(losses[-1]), latents) < GCAFlowLoss.per_dimension(
-        torch.tensor(losses[0]),
-        latents,
-    )
+    # The flow starts from standardised features (data_init), so the gain is measured per latent dimension.
+    first, last = (GCAFlowLoss.per_dimension(torch.tensor(losses[i]), latents).item() for i in (0, -1))
+    assert last < first - 0.1
 
 
 def test_backbone_is_frozen_and_only_the_flow_trains() -> None:
