@@ -284,7 +284,8 @@ class GCAFlow(AnomalibModule):
         return self.feature_cache.features(keys, batch.image, self.model.extract_features)
 
     def on_fit_start(self) -> None:
-        """Warn, once per process, when bf16 training would run on a CPU that has to emulate bf16."""
+        """Stop before training without backbone weights; warn once when bf16 would be emulated on this CPU."""
+        self.model.check_backbone_weights()
         bf16 = str(self.trainer.precision).startswith("bf16")
         if bf16 and self.trainer.strategy.root_device.type == "cpu" and cpu_accelerates_bf16() is False:
             warn_slow_cpu_bf16()
