@@ -56,6 +56,7 @@ def trained_and_images(mvtec_root: Path) -> tuple[GCAFlow, torch.Tensor]:
     return model, load(test_files)
 
 
+@pytest.mark.slow  # fits the flow on real images (about 20 s)
 def test_bf16_autocast_keeps_log_det_and_loss_in_fp32_within_tolerance(
     trained_and_images: tuple[GCAFlow, torch.Tensor],
 ) -> None:
@@ -75,6 +76,7 @@ def test_bf16_autocast_keeps_log_det_and_loss_in_fp32_within_tolerance(
     assert ((loss_bf16 - loss).abs() / loss.abs()).max() <= LOSS_RTOL
 
 
+@pytest.mark.slow  # fits the flow on real images (about 20 s)
 def test_bf16_autocast_scores_and_maps_are_fp32_within_tolerance(
     trained_and_images: tuple[GCAFlow, torch.Tensor],
 ) -> None:
