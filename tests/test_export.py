@@ -166,8 +166,9 @@ def test_cli_onnx_export_matches_torch_on_real_images(
 
 # Scores of the pinned IR compiled without an inference-precision hint: identical to fp32 where the CPU has no bf16
 # instructions; on AVX512_BF16 and AMX CPUs OpenVINO 2026.4 still runs the operations its own transformations create
-# (fused RMS, Interpolate, Softmax, ...) in bf16: measured 7.4e-4 on an AVX512_BF16 EPYC, against 1.0e-2 unpinned.
-UNHINTED_ATOL = 2e-3
+# (fused RMS, Interpolate, Softmax, ...) in bf16. Measured on an AVX512_BF16 EPYC: 7.4e-4 on these six images
+# (6.4e-3 at most over all 83 bottle test images), against 1.0e-2 for the unpinned IR.
+UNHINTED_ATOL = 5e-3
 F32_HINT = {"INFERENCE_PRECISION_HINT": "f32"}
 
 

@@ -66,7 +66,8 @@ class GCAFlowModel(nn.Module):
         # Weights that cannot be downloaded fail at first use, not here: the anomalib CLI builds the model while it
         # parses its arguments and would bury the message in its own report, and a checkpoint loaded afterwards
         # brings the backbone's weights anyway.
-        self.missing_weights: BackboneWeightsUnavailableError | None = None
+        # The failure's message, kept as text so the module stays picklable.
+        self.missing_weights: str | None = None
         try:
             self.feature_extractor = build_backbone(
                 backbone,
@@ -76,7 +77,7 @@ class GCAFlowModel(nn.Module):
             )
         except BackboneWeightsUnavailableError as error:
             self.feature_extractor = build_backbone(backbone, pre_trained=False, layers=layers)
-            self.missing_weights = error
+            self.missing_weights = str(error)
             self.register_load_state_dict_post_hook(_weights_loaded)
         if len(depths) != len(self.feature_extractor.channels):
             msg = (
@@ -118,9 +119,8 @@ class GCAFlowModel(nn.Module):
             BackboneWeightsUnavailableError: The weights could not be downloaded and no checkpoint brought them.
         """
         if self.missing_weights is not None:
-            message = str(self.missing_weights)
-            logger.error(message)
-            raise BackboneWeightsUnavailableError(message)
+            logger.error(self.missing_weights)
+            raise BackboneWeightsUnavailableError(self.missing_weights)
 
     def forward(
         self,
