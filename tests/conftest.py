@@ -9,6 +9,12 @@ from tiny_training import make_tiny_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRUST_REMOTE_CODE", "1")
+# The tests compare fp32 results to tight tolerances. oneDNN runs fp32 convolutions and matmuls in bf16 on CPUs that
+# accelerate it (AVX512_BF16, AMX) when this variable says so; it is pinned to full fp32 here (oneDNN reads it at
+# its first primitive) and inherited by the CLI subprocesses. torch's own switches (set_float32_matmul_precision,
+# torch.backends.mkldnn.fp32_precision) keep their fp32 defaults: setting the new one makes torch.export refuse to
+# trace (it sees legacy and new TF32 flags mixed).
+os.environ["ONEDNN_DEFAULT_FPMATH_MODE"] = "STRICT"
 
 DATA_ROOT = Path(os.environ.get("GCAFLOW_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 MVTEC_ROOT = DATA_ROOT / "mvtec_ad"

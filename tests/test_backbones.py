@@ -15,7 +15,14 @@ import timm
 import torch
 from PIL import Image
 
-from anomalib_gcaflow.backbones import SUPPORTED_BACKBONES, FeaturePyramid, backbone_normalization, build_backbone
+from anomalib_gcaflow.backbones import (
+    SUPPORTED_BACKBONES,
+    BackboneWeightsUnavailableError,
+    FeaturePyramid,
+    backbone_normalization,
+    build_backbone,
+)
+from anomalib_gcaflow.torch_model import GCAFlowModel
 
 BOTTLE = Path("/work/shared/data/mvtec_ad/bottle/train/good/000.png")
 
@@ -143,6 +150,24 @@ def test_offline_wrn50_pretrained_raises_clear_error() -> None:
     assert "weights_path=" in message
     assert "wide_resnet50_2-95faca4d.pth" in message
     assert "tf_efficientnet_lite0" in message
+
+
+def test_offline_wrn50_model_fails_at_first_use_unless_a_checkpoint_brings_the_weights() -> None:
+    """Building the model offline succeeds (the CLI builds it while parsing); scoring raises until weights arrive."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("timm/wide_resnet50_2.tv_in1k", "model.safetensors"), str):
+        pytest.skip("wide_resnet50_2.tv_in1k is in the local Hugging Face cache")
+    model = GCAFlowModel(backbone="wide_resnet50_2", depths=(1, 1, 1), expansion=1, pos_embed_dim=4).eval()
+    images = torch.rand(1, 3, 64, 64)
+    with pytest.raises(BackboneWeightsUnavailableError, match=r"weights_path=.*tf_efficientnet_lite0"):
+        model(images)
+    trained_elsewhere = GCAFlowModel(
+        backbone="wide_resnet50_2", pre_trained=False, depths=(1, 1, 1), expansion=1, pos_embed_dim=4
+    )
+    model.load_state_dict(trained_elsewhere.state_dict())
+    assert model.missing_weights is None
+    torch.testing.assert_close(model(images).pred_score, trained_elsewhere.eval()(images).pred_score)
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:

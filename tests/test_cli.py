@@ -314,3 +314,38 @@ def test_benchmark_with_gcaflow_in_the_model_grid(mvtec_root: Path, tmp_path: Pa
     assert rows[0]["model.class_path"] == "GCAFlow"
     for name in ("image_AUROC", "pixel_AUROC"):
         assert 0.0 <= float(rows[0][name]) <= 1.0, (name, rows[0][name])
+
+
+def test_first_offline_run_without_backbone_weights_says_how_to_fix_it_first_and_last(
+    mvtec_root: Path,
+    tmp_path: Path,
+) -> None:
+    """The design card's bare command, offline and with an empty Hugging Face cache, fails with the fix in view.
+
+    The first error line and the last line of the output name the cause and both fixes (``weights_path`` or an
+    offline backbone); jsonargparse's "Union subtypes" report and its dump of every init argument do not appear.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALIB_GCAFLOW_DISABLE_PLUGIN"}
+    # One unbuffered stream, in the order a terminal shows it.
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty_hf_home"), COLUMNS="200", PYTHONUNBUFFERED="1")
+    command = [str(ANOMALIB), "train", "--model", "GCAFlow", "--data", "MVTec"]
+    command += ["--data.root", str(mvtec_root), "--data.category", "bottle"]
+    result = subprocess.run(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    output = result.stdout
+    assert result.returncode != 0, output[-3000:]
+    assert "Union subtypes" not in output
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    first_error = next(line for line in lines if "ERROR" in line)
+    assert "'wide_resnet50_2'" in first_error, first_error
+    assert "weights_path" in first_error and "tf_efficientnet_lite0" in first_error, first_error
+    last = lines[-1]
+    assert "tf_efficientnet_lite0" in last or "quickstart_cpu.yaml" in last, last

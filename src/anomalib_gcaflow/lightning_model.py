@@ -10,6 +10,7 @@ https://github.com/cool-xuan/msflow (MIT).
 import logging
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_gcaflow.backbones import backbone_normalization
 from anomalib_gcaflow.callbacks import DataCheck, DistributedEvaluation, LastEpochCheckpoint, SkipCachedImageReads
+from anomalib_gcaflow.export import check_inference_precision, pin_openvino_fp32
 from anomalib_gcaflow.feature_cache import (
     DEFAULT_CACHE_BYTES,
     FeatureCache,
@@ -36,6 +38,7 @@ from anomalib_gcaflow.feature_cache import (
 )
 from anomalib_gcaflow.loss import GCAFlowLoss
 from anomalib_gcaflow.post_processor import RankPreservingPostProcessor
+from anomalib_gcaflow.precision import cpu_accelerates_bf16, warn_slow_cpu_bf16
 from anomalib_gcaflow.schedule import PAPER_EPOCHS, budget_schedule, warmup_step_factor
 from anomalib_gcaflow.torch_model import GCAFlowModel
 
@@ -304,6 +307,13 @@ class GCAFlow(AnomalibModule):
         keys = [str(path) for path in batch.image_path]
         return self.feature_cache.features(keys, batch.image, self.model.extract_features)
 
+    def on_fit_start(self) -> None:
+        """Stop before training without backbone weights; warn once when bf16 would be emulated on this CPU."""
+        self.model.check_backbone_weights()
+        bf16 = str(self.trainer.precision).startswith("bf16")
+        if bf16 and self.trainer.strategy.root_device.type == "cpu" and cpu_accelerates_bf16() is False:
+            warn_slow_cpu_bf16()
+
     def on_train_start(self) -> None:
         """Switch the feature cache on for this fit unless a training transform is random, and validate it."""
         self._use_feature_cache = False
@@ -399,6 +409,36 @@ class GCAFlow(AnomalibModule):
         """Stop at the recipe's epoch budget, whatever larger budget the trainer has."""
         if self.hparams.max_epochs is not None and self.current_epoch + 1 >= self.hparams.max_epochs:
             self.trainer.should_stop = True
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        *args: Any,  # noqa: ANN401 - anomalib's own arguments, passed through unchanged
+        inference_precision: str = "f32",
+        **kwargs: Any,  # noqa: ANN401 - anomalib's own arguments, passed through unchanged
+    ) -> Path:
+        """Export to OpenVINO IR as anomalib does, computing in fp32 on every device unless told otherwise.
+
+        Without the fp32 pin, OpenVINO's CPU plugin scores in bf16 on CPUs with AVX512_BF16 or AMX (image scores
+        move by about 1e-2) and the same IR gives different results on different machines.
+
+        Args:
+            export_root (Path | str): Output folder.
+            *args: Positional arguments of ``AnomalibModule.to_openvino``.
+            inference_precision (str, optional): ``"f32"`` pins every operation to fp32, so that
+                ``openvino.Core().compile_model`` and anomalib's ``OpenVINOInferencer`` give the same scores on
+                every CPU, whatever hint they pass; ``"auto"`` leaves the choice to the runtime (bf16 on CPUs that
+                accelerate it, f16 on GPUs), faster and slightly less accurate. Defaults to ``"f32"``.
+            **kwargs: Keyword arguments of ``AnomalibModule.to_openvino`` (``compression_type``, ``ov_kwargs``, ...).
+
+        Returns:
+            Path: The ``.xml`` file.
+        """
+        check_inference_precision(inference_precision)
+        xml_path = super().to_openvino(export_root, *args, **kwargs)
+        if inference_precision == "f32":
+            pin_openvino_fp32(xml_path)
+        return xml_path
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ MSFlow's pipeline (https://github.com/cool-xuan/msflow, MIT) with GCAFlow's flow
 https://doi.org/10.3390/s25103205).
 """
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -11,8 +12,10 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_gcaflow.anomaly_map import AnomalyMapGenerator
-from anomalib_gcaflow.backbones import build_backbone
+from anomalib_gcaflow.backbones import BackboneWeightsUnavailableError, build_backbone
 from anomalib_gcaflow.flow import MultiScaleFlow
+
+logger = logging.getLogger(__name__)
 
 
 class GCAFlowModel(nn.Module):
@@ -68,12 +71,22 @@ class GCAFlowModel(nn.Module):
         super().__init__()
         # Validate the cheap parts first, so a bad configuration never waits for a backbone download.
         self.anomaly_map_generator = AnomalyMapGenerator(top_k)
-        self.feature_extractor = build_backbone(
-            backbone,
-            pre_trained=pre_trained,
-            weights_path=weights_path,
-            layers=layers,
-        )
+        # Weights that cannot be downloaded fail at first use, not here: the anomalib CLI builds the model while it
+        # parses its arguments and would bury the message in its own report, and a checkpoint loaded afterwards
+        # brings the backbone's weights anyway.
+        # The failure's message, kept as text so the module stays picklable.
+        self.missing_weights: str | None = None
+        try:
+            self.feature_extractor = build_backbone(
+                backbone,
+                pre_trained=pre_trained,
+                weights_path=weights_path,
+                layers=layers,
+            )
+        except BackboneWeightsUnavailableError as error:
+            self.feature_extractor = build_backbone(backbone, pre_trained=False, layers=layers)
+            self.missing_weights = str(error)
+            self.register_load_state_dict_post_hook(_weights_loaded)
         if len(depths) != len(self.feature_extractor.channels):
             msg = (
                 f"depths {list(depths)} must give one block count per backbone layer; backbone {backbone!r} "
@@ -105,7 +118,18 @@ class GCAFlowModel(nn.Module):
         Returns:
             list[torch.Tensor]: One pooled feature map per scale.
         """
+        self.check_backbone_weights()
         return [self.pool(feature) for feature in self.feature_extractor(images)]
+
+    def check_backbone_weights(self) -> None:
+        """Raise, after logging the message, if the backbone still lacks its pretrained weights.
+
+        Raises:
+            BackboneWeightsUnavailableError: The weights could not be downloaded and no checkpoint brought them.
+        """
+        if self.missing_weights is not None:
+            logger.error(self.missing_weights)
+            raise BackboneWeightsUnavailableError(self.missing_weights)
 
     def forward(
         self,
@@ -130,3 +154,9 @@ class GCAFlowModel(nn.Module):
             return latents, log_det
         anomaly_map, pred_score = self.anomaly_map_generator(latents, images.shape[-2:])
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+
+def _weights_loaded(module: GCAFlowModel, incompatible_keys: nn.modules.module._IncompatibleKeys) -> None:
+    """Forget a failed weights download once a state dict (a checkpoint) has filled in the backbone."""
+    if not any("feature_extractor." in key for key in incompatible_keys.missing_keys):
+        module.missing_weights = None
