@@ -1,5 +1,7 @@
-"""The accuracy benchmark's report: ``accuracy.md`` (accuracy, speed, ratios, every run, notes) and
-``accuracy.png`` (every run's accuracy per model, accuracy against latency).
+"""The accuracy benchmark's report: ``accuracy.md`` and ``accuracy.png``.
+
+The Markdown holds accuracy, speed, the ratios to the references, every run and the notes; the plot every run's
+accuracy per model and accuracy against latency.
 """
 
 from __future__ import annotations

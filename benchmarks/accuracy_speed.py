@@ -1,5 +1,7 @@
-"""The accuracy benchmark's speed records: parameters, size, latency, throughput, GFLOP and peak training memory
-of every model of the grid, with the machine's peak measured in the same process.
+"""The accuracy benchmark's speed records, one per model of the grid, next to the machine's peak.
+
+Each holds parameters, size, latency, throughput, GFLOP and peak training memory, measured in the process that runs
+the grid.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The data sets of the accuracy and convergence benchmarks: MVTec AD bottle (optionally a fixed subset) and
-Magnetic Tile converted to anomalib's ``Folder`` layout, both read from the real sets, never downloaded.
+"""The data sets of the accuracy and convergence benchmarks: MVTec AD bottle and Magnetic Tile.
+
+Both are read from the real sets, never downloaded: bottle as it is (or a fixed subset under ``--limit``), Magnetic
+Tile converted once to anomalib's ``Folder`` layout in the scratch folder.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Rates of the speed benchmarks: the machine's peak GFLOP/s, inference latency and throughput, the flow's achieved
-GFLOP/s on precomputed features, and how far an autocast forward lies from the fp32 one.
+"""Rates of the speed benchmarks: machine peak, inference latency and throughput, the flow's achieved GFLOP/s.
+
+Also how far an autocast forward lies from the fp32 one, on the same features.
 """
 
 from __future__ import annotations

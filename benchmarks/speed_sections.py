@@ -1,6 +1,4 @@
-"""The speed benchmark's sections (flow forward, inference latency, training epochs, peak memory) and the issue's
-targets checked against them.
-"""
+"""The speed benchmark's sections (flow forward, inference latency, training epochs, peak memory) and targets."""
 
 from __future__ import annotations
 

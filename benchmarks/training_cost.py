@@ -1,6 +1,7 @@
-"""Training cost for the speed benchmarks: seconds per epoch on MVTec AD bottle, and the peak memory of one
-training epoch, measured in a fresh process (``python -m benchmarks.speed --memory-child``, so that nothing the
-parent allocated counts).
+"""Training cost for the speed benchmarks: seconds per epoch and peak memory of one epoch on MVTec AD bottle.
+
+The memory is measured in a fresh process (``python -m benchmarks.speed --memory-child``), so that nothing the
+parent allocated counts.
 """
 
 from __future__ import annotations
