@@ -1,1 +1,1 @@
-"""Benchmarks of anomalib-gcaflow: ``python -m benchmarks.speed`` and ``python -m benchmarks.accuracy``."""
+"""Benchmarks of anomalib-gcaflow: `python -m benchmarks.<accuracy|speed|convergence|gpu_check>`; see README.md."""

@@ -23,260 +23,40 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
-import hashlib
-import inspect
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from anomalib.engine import Engine
-from anomalib.models.components import AnomalibModule
-from lightning.pytorch import seed_everything
-
-from anomalib_gcaflow import GCAFlow
-from benchmarks import accuracy
 from benchmarks.convergence_report import summarise, write_markdown, write_plot
+from benchmarks.convergence_run import ONE_PASS, TRAINED, Settings, Study, gcaflow_defaults, train_and_evaluate
 from benchmarks.environment import REPO_ROOT, cpu_flags, load_average, load_record, machine, versions
-from benchmarks.raw_eval import PRO_FPR_LIMIT, EpochEvaluation, measure
-from benchmarks.timing import EpochTimer, TrainingClock
+from benchmarks.protocol import (
+    CPU_MAGNETIC_TILE_LIMIT,
+    CPU_MAGNETIC_TILE_NORMAL_LIMIT,
+    CPU_PATCHCORE_CORESET_RATIO,
+    DATASETS,
+    DEFAULT_DATA_ROOT,
+    DEFAULT_WORK_DIR,
+    Protocol,
+    seeds_for,
+)
+from benchmarks.protocol import Settings as AccuracySettings
+from benchmarks.records import mkdir, write_json
+from benchmarks.shared_backbone import SharedBackbone
 from benchmarks.variants import VARIANTS
 
-SCHEMA_VERSION = 1
-TRAINED = ("cflow", "fastflow")
-ONE_PASS = ("patchcore", "padim")
 DEFAULT_MODELS = ("gcaflow", "msflow_equiv", "cflow", "fastflow", "patchcore", "padim")
 DEFAULT_SEEDS = ("0", "gcaflow,msflow_equiv=0,1,2")
-# GCAFlow options that change the input pipeline or the shared backbone, not only the model.
-PIPELINE_OPTIONS = ("image_size", "backbone")
 
 logger = logging.getLogger("benchmarks.convergence")
-
-
-@dataclass(frozen=True)
-class Study:
-    """The study's protocol: everything that must be identical for two records to be comparable.
-
-    Args:
-        base: The accuracy benchmark's protocol (its ``epochs`` is the budget N; its GCAFlow recipe fields hold
-            GCAFlow's own defaults with ``gcaflow_args`` applied).
-        eval_epochs: Epochs after which to evaluate (N included).
-        per_budget: One run per budget in ``eval_epochs`` instead of one run evaluated along the way.
-        gcaflow_args: GCAFlow options given on the command line, ``(key, JSON value)`` sorted by key.
-        gcaflow_defaults: GCAFlow's own defaults at run time (JSON), so that a changed default is a new protocol.
-        pro_fpr_limit: False-positive-rate limit of PRO.
-    """
-
-    base: accuracy.Protocol
-    eval_epochs: tuple[int, ...]
-    per_budget: bool
-    gcaflow_args: tuple[tuple[str, str], ...]
-    gcaflow_defaults: str
-    pro_fpr_limit: float = PRO_FPR_LIMIT
-
-    def digest(self) -> str:
-        """Short hash of the protocol, part of every record's file name.
-
-        Returns:
-            str: 12 hexadecimal characters.
-        """
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-    def options(self) -> dict[str, Any]:
-        """The command line's GCAFlow options.
-
-        Returns:
-            dict[str, Any]: Option -> value.
-        """
-        return {key: json.loads(value) for key, value in self.gcaflow_args}
-
-
-@dataclass
-class Settings:
-    """One invocation.
-
-    Args:
-        study: The protocol.
-        data: The accuracy benchmark's settings (data root, scratch folder, workers) that the data sets read.
-        models: Model ids.
-        datasets: Data set ids.
-        seeds: ``--seeds`` rules (see :func:`benchmarks.accuracy.seeds_for`).
-        argv: The command line, recorded with the results.
-    """
-
-    study: Study
-    data: accuracy.Settings
-    models: tuple[str, ...]
-    datasets: tuple[str, ...]
-    seeds: tuple[str, ...]
-    argv: list[str]
-
-
-def gcaflow_defaults() -> dict[str, Any]:
-    """GCAFlow's constructor defaults that are plain values.
-
-    Returns:
-        dict[str, Any]: Option -> default.
-    """
-    defaults = {}
-    for name, parameter in inspect.signature(GCAFlow.__init__).parameters.items():
-        value = parameter.default
-        if value is not inspect.Parameter.empty and isinstance(value, str | int | float | bool | tuple | list):
-            defaults[name] = list(value) if isinstance(value, tuple) else value
-    return defaults
-
-
-def model_setup(name: str, study: Study, budget: int) -> tuple[accuracy.Protocol, int]:
-    """The protocol and input size one model runs under for one budget (GCAFlow variants may change both).
-
-    Args:
-        name: Model id.
-        study: The protocol.
-        budget: Epochs this run trains.
-
-    Returns:
-        tuple[accuracy.Protocol, int]: Protocol and square input size.
-    """
-    protocol = replace(study.base, epochs=budget)
-    if name not in VARIANTS:
-        return protocol, protocol.image_size
-    options = study.options()
-    size = options.get("image_size", VARIANTS[name].image_size or protocol.image_size)
-    if isinstance(size, list):
-        if len(size) != 2 or size[0] != size[1]:
-            msg = f"--gcaflow-args image_size={size}: give one square size (an integer or [S, S])."
-            raise ValueError(msg)
-        size = size[0]
-    backbone = options.get("backbone", VARIANTS[name].backbone or protocol.backbone)
-    weights = protocol.weights_path if backbone == protocol.backbone else None
-    return replace(protocol, image_size=int(size), backbone=backbone, weights_path=weights), int(size)
-
-
-def build(
-    name: str, study: Study, budget: int, backbones: dict[str, accuracy.SharedBackbone], work_dir: Path
-) -> tuple[AnomalibModule, dict[str, Any], accuracy.SharedBackbone]:
-    """Build one model for one budget on the shared backbone, with the command line's GCAFlow options applied.
-
-    Args:
-        name: Model id.
-        study: The protocol.
-        budget: Epochs this run trains (GCAFlow's ``max_epochs``).
-        backbones: Shared backbones by name, filled on first use.
-        work_dir: Scratch folder.
-
-    Returns:
-        tuple[AnomalibModule, dict[str, Any], accuracy.SharedBackbone]: Model, its description, its backbone.
-    """
-    protocol, size = model_setup(name, study, budget)
-    if protocol.backbone not in backbones:
-        backbones[protocol.backbone] = accuracy.SharedBackbone(protocol, work_dir)
-    backbone = backbones[protocol.backbone]
-    class_path, kwargs = accuracy.model_spec(name, protocol, size, backbone)
-    if name in VARIANTS:
-        kwargs |= {k: v for k, v in study.options().items() if k not in PIPELINE_OPTIONS}
-    model, config = accuracy.instantiate(name, class_path, kwargs, protocol, size, backbone)
-    return model, config | {"image_size": size}, backbone
-
-
-def train_and_evaluate(
-    name: str, dataset: str, seed: int, budget: int, eval_epochs: Sequence[int], settings: Settings, backbones: dict
-) -> tuple[dict[str, Any], AnomalibModule]:
-    """Train one model (or fit a one-pass model), evaluating raw outputs after the listed epochs; then test.
-
-    Args:
-        name: Model id.
-        dataset: Data set id.
-        seed: Seed of everything.
-        budget: Epochs to train (one-pass models: ignored, they fit in one).
-        eval_epochs: Epochs after which to evaluate (one-pass models: after their fit).
-        settings: The invocation's settings.
-        backbones: Shared backbones by name.
-
-    Returns:
-        tuple[dict[str, Any], AnomalibModule]: The record and the trained model.
-    """
-    device = settings.study.base.device
-    load_start, started = load_average(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    seed_everything(seed, workers=True, verbose=False)
-    model, config, backbone = build(name, settings.study, budget, backbones, settings.data.work_dir)
-    protocol, _ = model_setup(name, settings.study, budget)
-    datamodule, data = accuracy.build_datamodule(dataset, replace(settings.data, protocol=protocol))
-    one_pass = name in ONE_PASS
-    epochs = model.trainer_arguments.get("max_epochs", budget) if one_pass else budget
-    clock, timer = TrainingClock(device), EpochTimer(device)
-    evaluation = EpochEvaluation([] if one_pass else eval_epochs, datamodule.test_dataloader, clock)
-    with tempfile.TemporaryDirectory(dir=accuracy._mkdir(settings.data.work_dir / "engine")) as scratch:
-        engine = Engine(
-            default_root_dir=scratch,
-            callbacks=[timer, clock, evaluation],
-            accelerator=device,
-            devices=1,
-            max_epochs=epochs,
-            # anomalib's thresholds and normalisation are fitted once, for its own test after the last epoch.
-            check_val_every_n_epoch=epochs,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        start = time.perf_counter()
-        engine.fit(model, datamodule=datamodule)
-        fit_s = time.perf_counter() - start
-        if one_pass:
-            train_s, train_cpu_s = clock.elapsed()
-            evaluation.points.append(
-                {"epoch": epochs, "train_s": train_s, "train_cpu_s": train_cpu_s}
-                | measure(model, datamodule.test_dataloader())
-            )
-        start = time.perf_counter()
-        tested = engine.test(model, datamodule=datamodule, verbose=False)[0]
-        test_s = time.perf_counter() - start
-    test_labels = datamodule.test_data.samples["label_index"].to_numpy()
-    data.update(
-        train_images=len(datamodule.train_data),
-        test_normal=int((test_labels == 0).sum()),
-        test_anomalous=int((test_labels == 1).sum()),
-    )
-    anomalib_raw = {key: float(value) for key, value in tested.items()}
-    record = {
-        "schema": SCHEMA_VERSION,
-        "benchmark": "convergence",
-        "status": "ok",
-        "model": name,
-        "model_label": accuracy.MODEL_LABELS[name],
-        "kind": "one_pass" if one_pass else ("per_budget" if settings.study.per_budget else "trajectory"),
-        "budget": epochs,
-        "config": config,
-        "dataset": dataset,
-        "dataset_label": accuracy.DATASET_LABELS[dataset],
-        "data": data,
-        "seed": seed,
-        "protocol": asdict(settings.study),
-        "protocol_digest": settings.study.digest(),
-        "backbone": backbone.describe(),
-        "points": evaluation.points,
-        "anomalib_test": {
-            "note": "anomalib's Engine.test after the last epoch: scores post-processed (normalised, clamped).",
-            "metrics": {metric: anomalib_raw.get(key) for metric, key in accuracy.METRICS.items()},
-            "raw": anomalib_raw,
-        },
-        "timings": {"epoch_s": timer.epoch_seconds, "fit_s": fit_s, "anomalib_test_s": test_s},
-        "versions": versions(),
-        "machine": machine(device) | {"cpu_flags": cpu_flags()},
-        "load_average": load_record(load_start, load_average()),
-        "started_at": started,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": settings.argv,
-    }
-    return record, model
 
 
 def jobs(settings: Settings) -> list[tuple[str, str, int, int, tuple[int, ...]]]:
@@ -292,7 +72,7 @@ def jobs(settings: Settings) -> list[tuple[str, str, int, int, tuple[int, ...]]]
     listed = []
     for dataset in settings.datasets:
         for model in settings.models:
-            for seed in accuracy.seeds_for(settings.seeds, dataset, model):
+            for seed in seeds_for(settings.seeds, dataset, model):
                 if model in ONE_PASS:
                     listed.append((dataset, model, seed, 1, (1,)))
                 elif study.per_budget:
@@ -329,8 +109,8 @@ def run_study(settings: Settings) -> dict[str, Any]:
         dict[str, Any]: The content of ``convergence.json``.
     """
     start, load_start = time.perf_counter(), load_average()
-    accuracy._mkdir(settings.data.out / "runs")
-    backbones: dict[str, accuracy.SharedBackbone] = {}
+    mkdir(settings.data.out / "runs")
+    backbones: dict[str, SharedBackbone] = {}
     failures, done, kept = [], 0, 0
     planned = jobs(settings)
     for index, (dataset, model, seed, budget, eval_epochs) in enumerate(planned, start=1):
@@ -345,11 +125,11 @@ def run_study(settings: Settings) -> dict[str, Any]:
         except Exception as error:  # one broken run must not cost the rest of the study
             logger.exception("%s on %s, seed %d failed; the study goes on", model, dataset, seed)
             failures.append({"model": model, "dataset": dataset, "seed": seed, "budget": budget, "error": repr(error)})
-            accuracy._write_json(path.with_suffix(".failed.json"), failures[-1] | {"traceback": traceback.format_exc()})
+            write_json(path.with_suffix(".failed.json"), failures[-1] | {"traceback": traceback.format_exc()})
             continue
         finally:
             gc.collect()
-        accuracy._write_json(path, record)
+        write_json(path, record)
         path.with_suffix(".failed.json").unlink(missing_ok=True)
         done += 1
     # Every record of this protocol in --out, also those of other invocations (split by model, data set or seed).
@@ -366,7 +146,7 @@ def run_study(settings: Settings) -> dict[str, Any]:
         "machine": machine(settings.study.base.device) | {"cpu_flags": cpu_flags()},
         "load_average": load_record(load_start, load_average()),
     }
-    accuracy._write_json(settings.data.out / "convergence.json", summary)
+    write_json(settings.data.out / "convergence.json", summary)
     write_markdown(summary, settings.data.out / "convergence.md")
     write_plot(summary, settings.data.out / "convergence.png")
     return summary
@@ -405,7 +185,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "convergence")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="model ids (default: %(default)s)")
-    parser.add_argument("--datasets", nargs="+", default=list(accuracy.DATASETS), choices=accuracy.DATASETS)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument(
         "--seeds", action="append", default=None, metavar="[TARGET=]S1,S2", help="seed rules as in benchmarks.accuracy"
     )
@@ -418,12 +198,12 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--weights-path", default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--patchcore-coreset-ratio", type=float, default=accuracy.CPU_PATCHCORE_CORESET_RATIO)
+    parser.add_argument("--patchcore-coreset-ratio", type=float, default=CPU_PATCHCORE_CORESET_RATIO)
     parser.add_argument("--limit", type=int, default=None, help="cap on bottle's images per split and class (tests)")
-    parser.add_argument("--magnetic-tile-limit", type=int, default=accuracy.CPU_MAGNETIC_TILE_LIMIT)
-    parser.add_argument("--magnetic-tile-normal-limit", type=int, default=accuracy.CPU_MAGNETIC_TILE_NORMAL_LIMIT)
-    parser.add_argument("--data-root", type=Path, default=accuracy.DEFAULT_DATA_ROOT)
-    parser.add_argument("--work-dir", type=Path, default=accuracy.DEFAULT_WORK_DIR)
+    parser.add_argument("--magnetic-tile-limit", type=int, default=CPU_MAGNETIC_TILE_LIMIT)
+    parser.add_argument("--magnetic-tile-normal-limit", type=int, default=CPU_MAGNETIC_TILE_NORMAL_LIMIT)
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args(list(argv))
     known = (*VARIANTS, *TRAINED, *ONE_PASS)
@@ -433,7 +213,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         parser.error(f"--eval-epochs must lie in 1..--epochs ({args.epochs}); got {args.eval_epochs}")
     options = dict(args.gcaflow_args)
     defaults = gcaflow_defaults() | options
-    base = accuracy.Protocol(
+    base = Protocol(
         image_size=args.image_size,
         epochs=args.epochs,
         backbone=args.backbone,
@@ -456,7 +236,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         gcaflow_args=tuple(sorted((key, json.dumps(value)) for key, value in options.items())),
         gcaflow_defaults=json.dumps(gcaflow_defaults(), sort_keys=True),
     )
-    data = accuracy.Settings(
+    data = AccuracySettings(
         protocol=base,
         out=args.out.resolve(),
         models=tuple(args.models),

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from benchmarks.accuracy import DATASET_LABELS, MODEL_LABELS
+from benchmarks.protocol import DATASET_LABELS, MODEL_LABELS
 
 METRICS = ("image_AUROC", "pixel_AUROC", "PRO")
 TIMES = ("train_s", "train_cpu_s", "eval_s")
@@ -38,7 +38,7 @@ def summarise(records: list[dict[str, Any]], study: Any) -> dict[str, Any]:  # n
 
     Args:
         records: Run records of this protocol.
-        study: The protocol (``benchmarks.convergence.Study``).
+        study: The protocol (``benchmarks.convergence_run.Study``).
 
     Returns:
         dict[str, Any]: ``summary[dataset][model]`` = list of per-epoch entries, plus the protocol and every run.

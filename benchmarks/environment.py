@@ -161,3 +161,31 @@ def load_record(start: list[float] | None, end: list[float] | None) -> dict[str,
     if start is not None and end is not None:
         shared = start[0] > 1.0 or end[0] > usable + 0.5
     return {"start": start, "end": end, "cpus_usable": usable, "shared": shared}
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, CPU model and instruction-set flags, threads and (on CUDA) the GPU.
+
+    Args:
+        device (str): ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        dict[str, Any]: The description.
+    """
+    packages = ("anomalib-gcaflow", "anomalib", "torch", "torchvision", "lightning", "timm", "FrEIA")
+    found = versions()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    described = {
+        "python": platform.python_version(),
+        "versions": {package: found[package] for package in packages},
+        "cpu": machine(device)["cpu"],
+        "cpu_flags": [flag for flag, present in cpu_flags().items() if present and flag in wanted],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "device": device,
+    }
+    if device == "cuda":
+        described["gpu"] = torch.cuda.get_device_name()
+    return described

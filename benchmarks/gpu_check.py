@@ -40,15 +40,10 @@ from PIL import Image
 
 from anomalib_gcaflow import GCAFlow, GCAFlowModel
 from anomalib_gcaflow.loss import GCAFlowLoss
+from benchmarks.environment import environment
 from benchmarks.flops import flow_gflop_per_image, model_gflop_per_image
-from benchmarks.speed import (
-    autocast_context,
-    environment,
-    flow_forward_rate,
-    inference_timing,
-    machine_peak_gflops,
-    measure_seconds,
-)
+from benchmarks.rates import autocast_context, flow_forward_rate, inference_timing, machine_peak_gflops
+from benchmarks.timing import measure_seconds
 from benchmarks.variants import VARIANTS
 
 PAPER_BACKBONE = "wide_resnet50_2"
@@ -232,7 +227,7 @@ def compiled_flow(sizes: dict[str, Any], device: str, low_precision: torch.dtype
         low_precision (torch.dtype): Autocast dtype.
 
     Returns:
-        list[dict[str, Any]]: The eager and compiled rows of :func:`benchmarks.speed.flow_forward_rate`.
+        list[dict[str, Any]]: The eager and compiled rows of :func:`benchmarks.rates.flow_forward_rate`.
     """
     model = GCAFlowModel(backbone=sizes["backbone"], pre_trained=False, depths=sizes["depths"]).to(device).eval()
     arguments = (model, sizes["image_size"], sizes["batch"], 10 if device == "cuda" else 1, low_precision)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -179,3 +179,32 @@ class TrainingClock(Callback):
         del pl_module
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._start()
+
+
+def measure_seconds(
+    function: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    device: torch.device | str,
+) -> list[float]:
+    """Time ``repeats`` calls after ``warmup`` untimed ones, GPU work included.
+
+    Args:
+        function (Callable[[], object]): What to time.
+        repeats (int): Timed calls.
+        warmup (int): Untimed calls first.
+        device (torch.device | str): Device to synchronise.
+
+    Returns:
+        list[float]: Seconds of each timed call.
+    """
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds

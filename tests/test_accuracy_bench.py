@@ -1,28 +1,24 @@
-"""The accuracy benchmark (benchmarks/accuracy.py) on a tiny budget, so that its code path cannot rot."""
+"""The accuracy benchmark (python -m benchmarks.accuracy) on a tiny budget, so that its code path cannot rot."""
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from repo_paths import REPO_ROOT
 
-
-@pytest.fixture(scope="module")
-def accuracy() -> ModuleType:
-    """Import the benchmark module the way ``python -m benchmarks.accuracy`` does."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module("benchmarks.accuracy")
+from benchmarks import accuracy
+from benchmarks.models import build_model
+from benchmarks.protocol import Protocol, seeds_for
+from benchmarks.records import read_record
+from benchmarks.shared_backbone import SharedBackbone
 
 
-def _tiny_protocol(accuracy: ModuleType, epochs: int = 1) -> object:
-    return accuracy.Protocol(
+def _tiny_protocol(epochs: int = 1) -> Protocol:
+    return Protocol(
         image_size=64,
         epochs=epochs,
         backbone="tf_efficientnet_lite0",
@@ -40,14 +36,14 @@ def _tiny_protocol(accuracy: ModuleType, epochs: int = 1) -> object:
     )
 
 
-def test_every_model_family_gets_the_same_backbone_weights(accuracy: ModuleType, tmp_path: Path) -> None:
+def test_every_model_family_gets_the_same_backbone_weights(tmp_path: Path) -> None:
     """GCAFlow, the re-backboned Fastflow, and Cflow/PatchCore through the timm folder all hold the same weights."""
-    protocol = _tiny_protocol(accuracy)
-    backbone = accuracy.SharedBackbone(protocol, tmp_path)
+    protocol = _tiny_protocol()
+    backbone = SharedBackbone(protocol, tmp_path)
     reference = backbone.state
     models, extractors = {}, {}
     for name in ("gcaflow", "msflow_equiv", "fastflow", "cflow", "patchcore"):
-        model, description = accuracy.build_model(name, protocol, 64, backbone)
+        model, description = build_model(name, protocol, 64, backbone)
         models[name] = model
         if name == "cflow":
             extractors[name] = model.model.encoder.feature_extractor
@@ -72,22 +68,22 @@ def test_every_model_family_gets_the_same_backbone_weights(accuracy: ModuleType,
         backbone.check(extractors["patchcore"], "patchcore's backbone")
 
 
-def test_seed_rules_and_paper_scale_switch(accuracy: ModuleType) -> None:
+def test_seed_rules_and_paper_scale_switch() -> None:
     """The default CPU grid, later ``--seeds`` rules overriding earlier ones, and what ``--paper-scale`` changes."""
     cpu = accuracy.parse_args([])
     assert (cpu.protocol.image_size, cpu.protocol.backbone) == (256, "tf_efficientnet_lite0")
-    assert accuracy.seeds_for(cpu.seeds, "bottle", "gcaflow") == (0, 1, 2)
-    assert accuracy.seeds_for(cpu.seeds, "bottle", "cflow") == (0,)
-    assert accuracy.seeds_for(cpu.seeds, "magnetic_tile", "fastflow") == (0,)
-    assert accuracy.seeds_for(cpu.seeds, "magnetic_tile", "cflow") == ()
+    assert seeds_for(cpu.seeds, "bottle", "gcaflow") == (0, 1, 2)
+    assert seeds_for(cpu.seeds, "bottle", "cflow") == (0,)
+    assert seeds_for(cpu.seeds, "magnetic_tile", "fastflow") == (0,)
+    assert seeds_for(cpu.seeds, "magnetic_tile", "cflow") == ()
 
     rules = ("0,1,2", "magnetic_tile=", "bottle/cflow,patchcore=5", "gcaflow_k3=7")
     settings = accuracy.parse_args([f"--seeds={rule}" for rule in rules])
-    assert accuracy.seeds_for(settings.seeds, "bottle", "cflow") == (5,)
-    assert accuracy.seeds_for(settings.seeds, "bottle", "patchcore") == (5,)
-    assert accuracy.seeds_for(settings.seeds, "bottle", "fastflow") == (0, 1, 2)
-    assert accuracy.seeds_for(settings.seeds, "magnetic_tile", "gcaflow") == ()
-    assert accuracy.seeds_for(settings.seeds, "magnetic_tile", "gcaflow_k3") == (7,)
+    assert seeds_for(settings.seeds, "bottle", "cflow") == (5,)
+    assert seeds_for(settings.seeds, "bottle", "patchcore") == (5,)
+    assert seeds_for(settings.seeds, "bottle", "fastflow") == (0, 1, 2)
+    assert seeds_for(settings.seeds, "magnetic_tile", "gcaflow") == ()
+    assert seeds_for(settings.seeds, "magnetic_tile", "gcaflow_k3") == (7,)
     for wrong in ("screws=0", "bottle/screws=0", "bottle=zero"):
         with pytest.raises(SystemExit):
             accuracy.parse_args(["--seeds", wrong])
@@ -98,13 +94,13 @@ def test_seed_rules_and_paper_scale_switch(accuracy: ModuleType) -> None:
     assert paper.protocol.digest() != cpu.protocol.digest()
 
 
-def test_resume_refuses_records_of_another_protocol(accuracy: ModuleType, tmp_path: Path) -> None:
+def test_resume_refuses_records_of_another_protocol(tmp_path: Path) -> None:
     """A record made under other settings is never mixed into the results of this command."""
     record = tmp_path / "bottle__gcaflow__seed0.json"
-    record.write_text(json.dumps({"protocol_digest": _tiny_protocol(accuracy, epochs=2).digest(), "protocol": {}}))
-    assert accuracy._load_record(record, _tiny_protocol(accuracy, epochs=2)) is not None
+    record.write_text(json.dumps({"protocol_digest": _tiny_protocol(epochs=2).digest(), "protocol": {}}))
+    assert read_record(record, _tiny_protocol(epochs=2)) is not None
     with pytest.raises(ValueError, match="another protocol"):
-        accuracy._load_record(record, _tiny_protocol(accuracy, epochs=1))
+        read_record(record, _tiny_protocol(epochs=1))
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ from pathlib import Path
 import yaml
 
 from anomalib_gcaflow import GCAFlow
-from benchmarks import accuracy, gpu_check, speed
+from benchmarks import gpu_check
+from benchmarks.protocol import GCAFLOW_VARIANTS
+from benchmarks.speed_sections import TRAINING_CONFIGS
 from benchmarks.variants import ACCURACY_GRID, VARIANTS
 
 ABLATIONS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
@@ -31,7 +33,7 @@ def test_every_ablation_config_is_exactly_one_registered_variant() -> None:
 
 def test_benchmarks_take_their_variants_from_the_registry() -> None:
     """accuracy's grid, speed's and gpu_check's MSFlow-equivalent are the registry's entries under its ids."""
-    assert tuple(accuracy.GCAFLOW_VARIANTS) == ACCURACY_GRID
-    assert all(accuracy.GCAFLOW_VARIANTS[name] == dict(VARIANTS[name].kwargs) for name in ACCURACY_GRID)
-    assert speed.TRAINING_CONFIGS["msflow_equiv"] == ("gcaflow", dict(VARIANTS["msflow_equiv"].kwargs))
+    assert tuple(GCAFLOW_VARIANTS) == ACCURACY_GRID
+    assert all(GCAFLOW_VARIANTS[name] == dict(VARIANTS[name].kwargs) for name in ACCURACY_GRID)
+    assert TRAINING_CONFIGS["msflow_equiv"] == ("gcaflow", dict(VARIANTS["msflow_equiv"].kwargs))
     assert {"gcaflow": {}, "msflow_equiv": dict(VARIANTS["msflow_equiv"].kwargs)} == gpu_check.MODELS

@@ -1,4 +1,4 @@
-"""The convergence study (benchmarks/convergence.py) on a tiny budget, and its float64 metrics."""
+"""The convergence study (python -m benchmarks.convergence) on a tiny budget, and its float64 metrics."""
 
 import json
 from pathlib import Path
@@ -11,6 +11,7 @@ from anomalib.metrics import AUPRO
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import convergence
+from benchmarks.convergence_run import Settings, train_and_evaluate
 from benchmarks.raw_eval import auroc, pro
 
 
@@ -35,7 +36,7 @@ def test_float64_metrics_match_the_reference_definitions() -> None:
     assert auroc(np.ones(4), np.array([1, 1, 0, 0])) == 0.5
 
 
-def _settings(mvtec_root: Path, tmp_path: Path, *extra: str) -> convergence.Settings:
+def _settings(mvtec_root: Path, tmp_path: Path, *extra: str) -> Settings:
     return convergence.parse_args([
         "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--data-root", str(mvtec_root.parent),
         "--datasets", "bottle", "--seeds", "0", "--image-size", "64", "--epochs", "2", "--batch-size", "4",
@@ -83,8 +84,8 @@ def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tm
     assert {path.name: path.stat().st_mtime_ns for path in runs} == written
 
     # Evaluating after epoch 1 changes nothing of the training: the same final weights as evaluating only at 2.
-    _, evaluated_twice = convergence.train_and_evaluate("gcaflow", "bottle", 0, 2, (1, 2), settings, {})
-    _, evaluated_once = convergence.train_and_evaluate("gcaflow", "bottle", 0, 2, (2,), settings, {})
+    _, evaluated_twice = train_and_evaluate("gcaflow", "bottle", 0, 2, (1, 2), settings, {})
+    _, evaluated_once = train_and_evaluate("gcaflow", "bottle", 0, 2, (2,), settings, {})
     twice, once = evaluated_twice.state_dict(), evaluated_once.state_dict()
     assert twice.keys() == once.keys()
     assert all(torch.equal(twice[key], once[key]) for key in twice)

@@ -1,11 +1,9 @@
 """Speed work: the benchmark runs, reductions stay fp32 under autocast, evaluation is in inference_mode, compile."""
 
-import importlib
 import json
 import math
 import os
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -13,17 +11,11 @@ import torch
 from anomalib.data import Folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
-from repo_paths import REPO_ROOT
 
 from anomalib_gcaflow import GCAFlow, MultiScaleFlow
 from anomalib_gcaflow.loss import GCAFlowLoss
-
-
-@pytest.fixture
-def speed(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """``benchmarks.speed``, importable whether or not pytest put the repository root on ``sys.path``."""
-    monkeypatch.syspath_prepend(str(REPO_ROOT))
-    return importlib.import_module("benchmarks.speed")
+from benchmarks import speed
+from benchmarks.speed_sections import TRAINING_CONFIGS
 
 
 def _finite_numbers(value: object) -> list[float]:
@@ -37,7 +29,6 @@ def _finite_numbers(value: object) -> list[float]:
 
 @pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end_and_writes_valid_json(
-    speed: ModuleType,
     tmp_path: Path,
     mvtec_root: Path,
 ) -> None:
@@ -48,7 +39,7 @@ def test_quick_benchmark_runs_end_to_end_and_writes_valid_json(
     assert {row["dtype"] for row in results["flow"]["rows"]} == {"fp32", "autocast bfloat16"}
     assert results["flow"]["gflop_per_image"]["flow_unfolded"] > results["flow"]["gflop_per_image"]["flow_folded"] > 0
     assert results["flow"]["bf16_deviation"]["log_det_dtype"] == "float32"
-    assert set(results["training_epoch"]) == set(speed.TRAINING_CONFIGS)
+    assert set(results["training_epoch"]) == set(TRAINING_CONFIGS)
     assert all(len(run["epoch_s"]) == 2 for run in results["training_epoch"].values())
     assert results["peak_memory"][0]["peak_mb"] > 0
     assert {target["target"].split(",")[0] for target in results["targets"]} >= {

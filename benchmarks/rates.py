@@ -1,0 +1,248 @@
+"""Rates of the speed benchmarks: machine peak, inference latency and throughput, the flow's achieved GFLOP/s.
+
+Also how far an autocast forward lies from the fp32 one, on the same features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from anomalib_gcaflow import GCAFlowModel
+from anomalib_gcaflow.flow import PositionalConv2d
+from anomalib_gcaflow.loss import GCAFlowLoss
+from benchmarks.flops import device_of
+from benchmarks.timing import measure_seconds
+
+
+def _dtype_name(autocast_dtype: torch.dtype | None) -> str:
+    return "fp32" if autocast_dtype is None else f"autocast {str(autocast_dtype).removeprefix('torch.')}"
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type, or a no-op for ``None``.
+
+    Args:
+        device (torch.device | str): Device whose autocast to enter.
+        dtype (torch.dtype | None): Autocast dtype, or ``None`` for full precision.
+
+    Returns:
+        contextlib.AbstractContextManager: The context.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def machine_peak_gflops(device: str = "cpu", quick: bool = False, repeats: int = 5) -> dict[str, Any]:
+    """Measure the machine's peak: the best of torch's fp32 matrix multiply and a large dense 5x5 convolution.
+
+    Args:
+        device (str, optional): ``"cpu"`` or ``"cuda"``. Defaults to ``"cpu"``.
+        quick (bool, optional): Small operands (a smoke test, not a peak). Defaults to ``False``.
+        repeats (int, optional): Timed calls per operation; the fastest counts. Defaults to 5.
+
+    Returns:
+        dict[str, Any]: ``gflops`` (the peak: best fp32 result), ``description``, ``matmul_fp32_gflops``,
+        ``conv5x5_fp32_gflops``, ``matmul_bf16_gflops`` (reference only) and the operand shapes.
+    """
+    gpu = torch.device(device).type == "cuda"
+    size = 512 if quick else (8192 if gpu else 2048)
+    batch, channels, side = (1, 64, 32) if quick else ((32, 256, 128) if gpu else (4, 256, 64))
+    repeats = 2 if quick else repeats
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device)
+    b = torch.randn(size, size, generator=generator).to(device)
+    x = torch.randn(batch, channels, side, side, generator=generator).to(device)
+    w = torch.randn(channels, channels, 5, 5, generator=generator).to(device)
+    matmul_flop = 2 * size**3
+    conv_flop = 2 * batch * channels * channels * 25 * side * side
+    with torch.inference_mode():
+        matmul = matmul_flop / min(measure_seconds(lambda: a @ b, repeats, 1, device)) / 1e9
+        conv = conv_flop / min(measure_seconds(lambda: F.conv2d(x, w, padding=2), repeats, 1, device)) / 1e9
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        matmul_bf16 = matmul_flop / min(measure_seconds(lambda: a16 @ b16, repeats, 1, device)) / 1e9
+    return {
+        "gflops": max(matmul, conv),
+        "description": (
+            f"best of fp32 matmul {size}x{size}x{size} and fp32 5x5 conv {channels}->{channels} on "
+            f"{batch}x{channels}x{side}x{side}"
+        ),
+        "matmul_fp32_gflops": matmul,
+        "conv5x5_fp32_gflops": conv,
+        "matmul_bf16_gflops": matmul_bf16,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def inference_timing(
+    torch_model: nn.Module,
+    image_size: Sequence[int],
+    batch_size: int,
+    repeats: int = 5,
+    warmup: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Time the eval forward (backbone, flow and post-processing) under ``torch.inference_mode``.
+
+    Args:
+        torch_model (nn.Module): A torch model taking normalised ``(B, 3, H, W)`` images, on its device.
+        image_size (Sequence[int]): ``(H, W)``.
+        batch_size (int): Images per forward.
+        repeats (int, optional): Timed forwards; the median is reported. Defaults to 5.
+        warmup (int, optional): Untimed forwards first (allocator, one-off constants). Defaults to 1.
+        autocast_dtype (torch.dtype | None, optional): Run under autocast to this dtype. Defaults to ``None``.
+
+    Returns:
+        dict[str, Any]: ``latency_ms`` (median milliseconds per batch), ``latency_ms_min``, ``throughput``
+        (images per second at the median), ``batch_size``, ``image_size``, ``repeats``.
+    """
+    device = device_of(torch_model)
+    images = torch.randn(batch_size, 3, *image_size, device=device)
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with torch.inference_mode(), autocast_context(device, autocast_dtype):
+            seconds = measure_seconds(lambda: torch_model(images), repeats, warmup, device)
+    finally:
+        torch_model.train(was_training)
+    median = statistics.median(seconds)
+    return {
+        "batch_size": batch_size,
+        "image_size": list(image_size),
+        "repeats": repeats,
+        "dtype": _dtype_name(autocast_dtype),
+        "latency_ms": 1e3 * median,
+        "latency_ms_min": 1e3 * min(seconds),
+        "throughput": batch_size / median,
+    }
+
+
+def flow_forward_rate(
+    model: GCAFlowModel,
+    image_size: Sequence[int],
+    batch_size: int,
+    repeats: int = 5,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    compiled: bool = False,
+    train: bool = False,
+) -> dict[str, Any]:
+    """Achieved GFLOP/s of GCAFlow's whole flow (parallel stacks and fusion) on precomputed features.
+
+    Args:
+        model (GCAFlowModel): The model; only its backbone (to make features) and its flow are used.
+        image_size (Sequence[int]): ``(H, W)`` of the images the features come from.
+        batch_size (int): Images per call.
+        repeats (int, optional): Timed calls; the median is reported. Defaults to 5.
+        autocast_dtype (torch.dtype | None, optional): Run under autocast to this dtype. Defaults to ``None``.
+        channels_last (bool, optional): Give the flow channels-last features. Defaults to ``False``.
+        compiled (bool, optional): Run the flow through ``torch.compile`` (compilation is in the warm-up).
+            Defaults to ``False``.
+        train (bool, optional): Time a training forward + NLL + backward instead of an inference forward.
+            Defaults to ``False``.
+
+    Returns:
+        dict[str, Any]: Settings, ``gflop_per_batch``, ``ms_median``, ``ms_min``, ``gflops`` (at the median) and
+        ``gflops_best``.
+    """
+    device = device_of(model.flow)
+    with torch.no_grad():
+        features = model.extract_features(torch.randn(batch_size, 3, *image_size, device=device))
+    if channels_last:
+        features = [feature.contiguous(memory_format=torch.channels_last) for feature in features]
+    flow = torch.compile(model.flow) if compiled else model.flow
+    loss = GCAFlowLoss()
+
+    def inference(grad_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode) -> None:
+        with grad_mode(), autocast_context(device, autocast_dtype):
+            flow(features)
+
+    def training() -> None:
+        with autocast_context(device, autocast_dtype):
+            latents, log_det = flow(features)
+            value = loss(latents, log_det)
+        value.backward()
+        model.flow.zero_grad(set_to_none=True)
+
+    step = training if train else inference
+    model.flow.train(train)
+    try:
+        step()  # warm-up (and compilation) outside the count
+        with FlopCounterMode(display=False) as counter:
+            # The counter's module tracker needs autograd nodes, which inference_mode does not make.
+            training() if train else inference(torch.no_grad)
+        seconds = measure_seconds(step, repeats, 1, device)
+    finally:
+        model.flow.eval()
+    flop = counter.get_total_flops()
+    median = statistics.median(seconds)
+    return {
+        "mode": "train fwd+bwd" if train else "inference fwd",
+        "dtype": _dtype_name(autocast_dtype),
+        "channels_last": channels_last,
+        "compiled": compiled,
+        "fold_positional": any(isinstance(m, PositionalConv2d) and m.fold_positional for m in model.flow.modules()),
+        "batch_size": batch_size,
+        "image_size": list(image_size),
+        "gflop_per_batch": flop / 1e9,
+        "ms_median": 1e3 * median,
+        "ms_min": 1e3 * min(seconds),
+        "gflops": flop / median / 1e9,
+        "gflops_best": flop / min(seconds) / 1e9,
+    }
+
+
+def autocast_deviation(
+    model: GCAFlowModel,
+    image_size: Sequence[int],
+    batch_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, Any]:
+    """How far an autocast forward is from the fp32 one, on the same features.
+
+    Args:
+        model (GCAFlowModel): The model (its flow is untrained here, so this is a numerical check, not AUROC).
+        image_size (Sequence[int]): ``(H, W)``.
+        batch_size (int): Images compared.
+        dtype (torch.dtype, optional): Autocast dtype. Defaults to ``torch.bfloat16``.
+
+    Returns:
+        dict[str, Any]: Latent error relative to the latents' RMS, log-det relative error, NLL difference in nats
+        per dimension, image-score and anomaly-map maximum differences, and the dtypes of the reductions.
+    """
+    device = device_of(model)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, *image_size, generator=generator).to(device)
+    model.eval()
+    with torch.inference_mode():
+        features = model.extract_features(images)
+        reference_latents, reference_log_det = model.flow(features)
+        reference = model(images, features=features)
+        with autocast_context(device, dtype):
+            latents, log_det = model.flow(features)
+            scored = model(images, features=features)
+        latent_error = max(
+            ((z.float() - z_ref).abs().max() / z_ref.square().mean().sqrt()).item()
+            for z, z_ref in zip(latents, reference_latents, strict=True)
+        )
+        nll = GCAFlowLoss.per_dimension(GCAFlowLoss.per_image(latents, log_det), latents)
+        reference_nll = GCAFlowLoss.per_dimension(GCAFlowLoss.per_image(reference_latents, reference_log_det), latents)
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "latent_max_error_over_rms": latent_error,
+        "log_det_max_relative_error": ((log_det - reference_log_det).abs() / reference_log_det.abs()).max().item(),
+        "nll_per_dim_max_abs_diff": (nll - reference_nll).abs().max().item(),
+        "score_max_abs_diff": (scored.pred_score - reference.pred_score).abs().max().item(),
+        "anomaly_map_max_abs_diff": (scored.anomaly_map - reference.anomaly_map).abs().max().item(),
+        "log_det_dtype": str(log_det.dtype).removeprefix("torch."),
+        "nll_dtype": str(nll.dtype).removeprefix("torch."),
+    }
