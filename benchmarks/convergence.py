@@ -222,7 +222,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         eval_batch_size=args.batch_size,
         gcaflow_lr=defaults["lr"],
         gcaflow_warmup_epochs=defaults["warmup_epochs"],
-        gcaflow_milestones=tuple(defaults["milestones"]),
+        gcaflow_milestones=None if defaults["milestones"] is None else tuple(defaults["milestones"]),
         patchcore_coreset_ratio=args.patchcore_coreset_ratio,
         limit=args.limit,
         magnetic_tile_limit=args.magnetic_tile_limit,

@@ -109,7 +109,7 @@ def gcaflow_defaults() -> dict[str, Any]:
     defaults = {}
     for name, parameter in inspect.signature(GCAFlow.__init__).parameters.items():
         value = parameter.default
-        if value is not inspect.Parameter.empty and isinstance(value, str | int | float | bool | tuple | list):
+        if value is not inspect.Parameter.empty and isinstance(value, str | int | float | bool | tuple | list | None):
             defaults[name] = list(value) if isinstance(value, tuple) else value
     return defaults
 

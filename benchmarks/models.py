@@ -69,7 +69,7 @@ def model_spec(name: str, protocol: Protocol, image_size: int, backbone: SharedB
             "image_size": [image_size, image_size],
             "lr": protocol.gcaflow_lr,
             "warmup_epochs": protocol.gcaflow_warmup_epochs,
-            "milestones": list(protocol.gcaflow_milestones),
+            "milestones": None if protocol.gcaflow_milestones is None else list(protocol.gcaflow_milestones),
             "max_epochs": protocol.epochs,
             **VARIANTS[name].kwargs,
         }

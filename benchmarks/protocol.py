@@ -78,8 +78,8 @@ class Protocol:
         train_batch_size: Training batch size.
         eval_batch_size: Validation and test batch size (Cflow normalises its maps per batch).
         gcaflow_lr: Adam learning rate of every GCAFlow variant.
-        gcaflow_warmup_epochs: GCAFlow's linear warm-up length.
-        gcaflow_milestones: GCAFlow's step-decay epochs.
+        gcaflow_warmup_epochs: GCAFlow's linear warm-up length (``None``: GCAFlow's, scaled to the budget).
+        gcaflow_milestones: GCAFlow's step-decay epochs (``None``: GCAFlow's, scaled to the budget).
         patchcore_coreset_ratio: Fraction of PatchCore's training patches kept in its memory bank.
         limit: Cap on MVTec AD bottle's training images and test images per class (``None``: all).
         magnetic_tile_limit: Cap on Magnetic Tile defective images per defect type (``None``: all).
@@ -95,8 +95,8 @@ class Protocol:
     train_batch_size: int
     eval_batch_size: int
     gcaflow_lr: float
-    gcaflow_warmup_epochs: int
-    gcaflow_milestones: tuple[int, ...]
+    gcaflow_warmup_epochs: int | None
+    gcaflow_milestones: tuple[int, ...] | None
     patchcore_coreset_ratio: float
     limit: int | None
     magnetic_tile_limit: int | None
