@@ -7,7 +7,7 @@ import os
 import sys
 
 DISABLE_ENV = "ANOMALIB_GCAFLOW_DISABLE_PLUGIN"
-WATCHED = ("anomalib.data", "anomalib.models", "anomalib_gcaflow")
+WATCHED = ("anomalib.data", "anomalib.models", "anomalib_gcaflow", "anomalib.cli.cli")
 _callbacks = {}  # module name -> [callback(module)], run once the module has executed
 _executing = set()  # watched modules whose code is running now
 _finding = set()

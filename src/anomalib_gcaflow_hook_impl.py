@@ -9,7 +9,10 @@
 * ``anomalib.models``  -> :func:`register_models` -> ``anomalib_gcaflow.plugin.register()``
   (``anomalib.models.GCAFlow``);
 * ``anomalib_gcaflow`` -> the same, for processes that import the package first: the package pulls in
-  ``anomalib.models`` half-way through its own import, when registering would be circular.
+  ``anomalib.models`` half-way through its own import, when registering would be circular;
+* ``anomalib.cli.cli`` -> :func:`seed_cli_runs`: anomalib 2.7's CLI parses ``seed_everything`` but never seeds,
+  and torch seeds its default generator randomly at start-up, so without this every ``anomalib train`` started
+  from different weights whatever the configured seed.
 
 This module is stdlib-only as well (a top-level module, not part of the ``anomalib_gcaflow`` package, whose
 ``__init__`` imports torch and anomalib). Failures never break the host import: one line goes to stderr.
@@ -33,6 +36,8 @@ def on_imported(module) -> None:
     """Dispatch for :data:`anomalib_gcaflow_hook.WATCHED`."""
     if module.__name__ == "anomalib.data":
         alias_data_modules(module)
+    elif module.__name__ == "anomalib.cli.cli":
+        seed_cli_runs(module)
     else:
         register_models()
 
@@ -109,3 +114,31 @@ def register_models() -> None:
         hook.warn("registering GCAFlow with anomalib", exc)
     finally:
         _registering = False
+
+
+def seed_cli_runs(cli_module) -> None:
+    """Make anomalib's CLI honour ``seed_everything`` as Lightning's CLI does, before any class is instantiated.
+
+    An int seeds Python, NumPy and torch with it and makes Lightning seed every data-loader worker from it
+    (``workers=True``); ``true`` (anomalib's default) seeds with a random seed that Lightning logs; ``false``
+    leaves the generators alone. The seed used is written back into the config, so the ``config.yaml`` saved
+    with the run names it. Idempotent; does nothing if anomalib renames the hook it wraps.
+    """
+    cli_class = getattr(cli_module, "AnomalibCLI", None)
+    original = getattr(cli_class, "before_instantiate_classes", None)
+    if original is None or getattr(original, "gcaflow_seeds", False):
+        return
+
+    def before_instantiate_classes(self) -> None:
+        original(self)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        seed = None if config is None else config.get("seed_everything")
+        if seed is None or seed is False:
+            return
+        from lightning.pytorch import seed_everything
+
+        config["seed_everything"] = seed_everything(None if seed is True else seed, workers=True)
+
+    before_instantiate_classes.gcaflow_seeds = True
+    cli_class.before_instantiate_classes = before_instantiate_classes

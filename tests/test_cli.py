@@ -12,10 +12,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 pytestmark = pytest.mark.slow
 
@@ -314,3 +318,71 @@ def test_benchmark_with_gcaflow_in_the_model_grid(mvtec_root: Path, tmp_path: Pa
     assert rows[0]["model.class_path"] == "GCAFlow"
     for name in ("image_AUROC", "pixel_AUROC"):
         assert 0.0 <= float(rows[0][name]) <= 1.0, (name, rows[0][name])
+
+
+def _flow_weights(root: Path) -> dict[str, "torch.Tensor"]:
+    """The flow's weights in the one checkpoint anomalib saved under ``root``."""
+    import torch
+
+    (path,) = root.rglob("model.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {name: value for name, value in state.items() if name.startswith("model.flow.")}
+
+
+def test_train_with_the_configured_seed_is_reproducible(tiny_folder: Path, tmp_path: Path) -> None:
+    """Two ``anomalib train`` runs of the quick-start config (its seed, 2 data-loader workers, shuffled batches).
+
+    Only the data set (the tiny real bottle folder) and the model size differ from the quick start. anomalib 2.7's
+    CLI ignores ``seed_everything`` by itself; without the start-up hook's seeding the two runs start from
+    different weights.
+    """
+    import torch
+
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["data"] = {
+        "class_path": "anomalib.data.Folder",
+        "init_args": {
+            "name": "tiny",
+            "root": str(tiny_folder),
+            "normal_dir": "good",
+            "normal_test_dir": "good_test",
+            "abnormal_dir": "bad",
+            "mask_dir": "mask",
+            "train_batch_size": 2,
+            "eval_batch_size": 4,
+            "num_workers": 2,
+            "val_split_mode": "same_as_test",
+        },
+    }
+    config_path = tmp_path / "quickstart_tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        out.mkdir()
+        proc = _anomalib(
+            "train",
+            "--config",
+            str(config_path),
+            "--trainer.max_epochs",
+            "1",
+            "--model.max_epochs",
+            "1",
+            "--model.image_size",
+            "[64, 64]",
+            "--model.depths",
+            "[1, 1, 1]",
+            "--default_root_dir",
+            str(out),
+            cwd=out,
+        )
+        runs.append((_metrics(proc.stdout), _flow_weights(out)))
+    (first_metrics, first_weights), (second_metrics, second_weights) = runs
+    for name, value in first_metrics.items():
+        assert abs(value - second_metrics[name]) <= 1e-6, (name, first_metrics, second_metrics)
+    assert first_weights.keys() == second_weights.keys()
+    assert first_weights
+    for name, value in first_weights.items():
+        assert torch.equal(value, second_weights[name]), name
+    saved = yaml.safe_load(next((tmp_path / "first").rglob("config.yaml")).read_text())
+    assert saved["seed_everything"] == config["seed_everything"]
