@@ -4,11 +4,13 @@ anomalib 2.7 has no plugin registry: jsonargparse resolves ``--model GCAFlow`` o
 and ``anomalib.models.get_model`` (``anomalib benchmark``) looks names up in :mod:`anomalib.models`. So
 ``anomalib_gcaflow_plugin.pth``, which setup.py installs into site-packages, calls :func:`install` at every
 interpreter start. It puts one finder at the front of ``sys.meta_path`` and imports nothing. The finder lets
-every module pass but three; once one of those has executed, it patches anomalib:
+every module pass but four; once one of those has executed, it patches anomalib:
 
 * ``anomalib.data``: :func:`alias_mvtec` adds ``MVTec``, the name ``MVTecAD`` had before anomalib 2.0;
 * ``anomalib.models``: imports ``anomalib_gcaflow``, unless that is importing already;
-* ``anomalib_gcaflow``: :func:`register` adds ``GCAFlow`` to :mod:`anomalib.models`.
+* ``anomalib_gcaflow``: :func:`register` adds ``GCAFlow`` to :mod:`anomalib.models`;
+* ``anomalib.cli.cli``: :func:`seed_cli_runs` makes ``seed_everything`` seed, which anomalib 2.7's CLI parses but
+  never applies (torch seeds itself randomly at start-up, so every run started from other weights).
 
 stdlib only on purpose: ``wrapt.when_imported`` does the same, but importing ``wrapt`` costs ~70 ms per start.
 """
@@ -56,12 +58,47 @@ def register():
     return GCAFlow
 
 
+def seed_cli_runs(cli):
+    """Make ``AnomalibCLI`` seed as Lightning's CLI does, before any class is instantiated. Idempotent.
+
+    An int seeds Python, NumPy and torch and, through Lightning, every data-loader worker (``workers=True``);
+    ``true`` (anomalib's default) seeds with a random seed that Lightning logs; ``false`` seeds nothing. The seed
+    used is written back into the config, so the run's saved ``config.yaml`` names it.
+
+    Args:
+        cli: The module ``anomalib.cli.cli``.
+    """
+    cli_class = getattr(cli, "AnomalibCLI", None)
+    original = getattr(cli_class, "before_instantiate_classes", None)
+    if original is None or getattr(original, "gcaflow_seeds", False):
+        return
+
+    def before_instantiate_classes(self):
+        original(self)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        seed = None if config is None else config.get("seed_everything")
+        if seed is None or seed is False:
+            return
+        from lightning.pytorch import seed_everything
+
+        config["seed_everything"] = seed_everything(None if seed is True else seed, workers=True)
+
+    before_instantiate_classes.gcaflow_seeds = True
+    cli_class.before_instantiate_classes = before_instantiate_classes
+
+
 def _import_package(_models):
     if "anomalib_gcaflow" not in sys.modules:  # when it is, it is importing now: it registers once it has run
         import anomalib_gcaflow  # noqa: F401 - its own post-import step registers it
 
 
-_AFTER = {"anomalib.data": alias_mvtec, "anomalib.models": _import_package, "anomalib_gcaflow": lambda _: register()}
+_AFTER = {
+    "anomalib.data": alias_mvtec,
+    "anomalib.models": _import_package,
+    "anomalib_gcaflow": lambda _: register(),
+    "anomalib.cli.cli": seed_cli_runs,
+}
 
 
 class _Loader:

@@ -12,11 +12,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 from PIL import Image
 from repo_paths import REPO_ROOT
+
+if TYPE_CHECKING:
+    import torch
 
 pytestmark = pytest.mark.slow
 
@@ -349,3 +353,71 @@ def test_first_offline_run_without_backbone_weights_says_how_to_fix_it_first_and
     assert "weights_path" in first_error and "tf_efficientnet_lite0" in first_error, first_error
     last = lines[-1]
     assert "tf_efficientnet_lite0" in last or "quickstart_cpu.yaml" in last, last
+
+
+def _flow_weights(root: Path) -> dict[str, "torch.Tensor"]:
+    """The flow's weights in the one checkpoint anomalib saved under ``root``."""
+    import torch
+
+    (path,) = root.rglob("model.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {name: value for name, value in state.items() if name.startswith("model.flow.")}
+
+
+def test_train_with_the_configured_seed_is_reproducible(tiny_folder: Path, tmp_path: Path) -> None:
+    """Two ``anomalib train`` runs of the quick-start config (its seed, 2 data-loader workers, shuffled batches).
+
+    Only the data set (the tiny real bottle folder) and the model size differ from the quick start. anomalib 2.7's
+    CLI ignores ``seed_everything`` by itself; without the start-up hook's seeding the two runs start from
+    different weights.
+    """
+    import torch
+
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["data"] = {
+        "class_path": "anomalib.data.Folder",
+        "init_args": {
+            "name": "tiny",
+            "root": str(tiny_folder),
+            "normal_dir": "good",
+            "normal_test_dir": "good_test",
+            "abnormal_dir": "bad",
+            "mask_dir": "mask",
+            "train_batch_size": 2,
+            "eval_batch_size": 4,
+            "num_workers": 2,
+            "val_split_mode": "same_as_test",
+        },
+    }
+    config_path = tmp_path / "quickstart_tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        out.mkdir()
+        proc = _anomalib(
+            "train",
+            "--config",
+            str(config_path),
+            "--trainer.max_epochs",
+            "1",
+            "--model.max_epochs",
+            "1",
+            "--model.image_size",
+            "[64, 64]",
+            "--model.depths",
+            "[1, 1, 1]",
+            "--default_root_dir",
+            str(out),
+            cwd=out,
+        )
+        runs.append((_metrics(proc.stdout), _flow_weights(out)))
+    (first_metrics, first_weights), (second_metrics, second_weights) = runs
+    for name, value in first_metrics.items():
+        assert abs(value - second_metrics[name]) <= 1e-6, (name, first_metrics, second_metrics)
+    assert first_weights.keys() == second_weights.keys()
+    assert first_weights
+    for name, value in first_weights.items():
+        assert torch.equal(value, second_weights[name]), name
+    saved = yaml.safe_load(next((tmp_path / "first").rglob("config.yaml")).read_text())
+    assert saved["seed_everything"] == config["seed_everything"]

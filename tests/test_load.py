@@ -60,5 +60,5 @@ def test_scoring_thousands_of_images_keeps_memory_flat(mvtec_root: Path) -> None
     # The positional-response cache holds one entry per convolution, for the one feature-map size in use.
     assert convs
     for conv in convs:
-        key, response = conv._cached_response
+        key, _, _, response = conv._cached_response
         assert key[0] == tuple(response.shape[-2:])

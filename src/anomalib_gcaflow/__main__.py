@@ -1,4 +1,4 @@
-"""``python -m anomalib_gcaflow <subcommand> ...``: anomalib's CLI with GCAFlow registered.
+"""``python -m anomalib_gcaflow <subcommand> ...``: anomalib's CLI with GCAFlow registered and seeds honoured.
 
 Same arguments as the ``anomalib`` command (``train``, ``fit``, ``test``, ``predict``, ``export``,
 ``benchmark``, ...). It registers explicitly, so it works without the start-up hook
@@ -13,14 +13,14 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Register GCAFlow / ``MVTec`` with anomalib, then run anomalib's CLI on ``argv`` (default: sys.argv)."""
-    from anomalib_gcaflow_hook import register
+    import anomalib.cli.cli
+
+    from anomalib_gcaflow_hook import register, seed_cli_runs
 
     register()
-
-    from anomalib.cli.cli import main as anomalib_main
-
+    seed_cli_runs(anomalib.cli.cli)
     sys.argv = ["python -m anomalib_gcaflow", *(sys.argv[1:] if argv is None else argv)]
-    anomalib_main()
+    anomalib.cli.cli.main()
 
 
 if __name__ == "__main__":

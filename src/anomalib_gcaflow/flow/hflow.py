@@ -7,6 +7,11 @@ its steps are recomputed here in a cheaper but identical way:
   (C^2 multiply-adds per pixel), is applied as an index gather, which gives the same numbers;
 * the log-determinant is summed in fp32 even under autocast.
 
+The block's two permutation matrices (``w_perm``, ``w_perm_inv``) are fixed state, not learned, so they are kept
+as buffers under the same state-dict keys: checkpoints written when they were frozen parameters load unchanged,
+and every parameter is a contiguous learned tensor that torch's utilities (``parameters_to_vector``, optimisers,
+weight averaging) accept.
+
 The positional-encoding condition is added inside the subnet (see ``PositionalConv2d``), so the block itself is
 built without a FrEIA condition and no encoding is ever repeated over the batch.
 """
@@ -39,6 +44,10 @@ class HFlowBlock(AllInOneBlock):
             global_affine_type="SOFTPLUS",
             permute_soft=False,
         )
+        for name in ("w_perm", "w_perm_inv"):
+            matrix = getattr(self, name).detach().contiguous()
+            delattr(self, name)
+            self.register_buffer(name, matrix)
         self.register_buffer("permutation", torch.empty(channels, dtype=torch.long), persistent=False)
         self.register_buffer("inverse", torch.empty(channels, dtype=torch.long), persistent=False)
         self._index_permutation()

@@ -2,8 +2,20 @@
 
 A convolution is linear in its input channels, so ``conv([x; PE]) = conv_x(x) + conv_PE(PE)``, and with zero
 padding this holds at the border too. ``conv_PE(PE)`` depends on the weights and the feature-map size only, never
-on the image: it is computed once per forward (and reused across forwards while the weights do not change and no
-gradient is needed) instead of once per image as 64 extra input channels.
+on the image: it is computed once per forward instead of once per image as 64 extra input channels.
+
+When no gradient is needed, the response is also reused across forwards. It is reused only while the weights are
+*equal in value* to a snapshot taken when it was computed, so no way of writing them can leave it stale: optimiser
+steps, ``.data`` writes, ``torch.nn.utils.vector_to_parameters``, ``AveragedModel``/EMA updates, ``load_state_dict``,
+dtype and device moves and DDP's in-place broadcasts all change the values, and the comparison sees them. The
+comparison reads ``out x 64 x k x k`` numbers against the ``out x 64 x k x k x H x W`` multiply-adds of the
+convolution it saves (it is reused because, with a few feature channels against 64 encoding channels, the
+encoding's convolution costs a large share of a no-grad forward); on CUDA it adds one host synchronisation per
+convolution per forward.
+
+``torch.compile``, ``torch.export``/ONNX export and TorchScript tracing never see the reuse: while they trace,
+the response is recomputed and nothing is stored, so their graph holds ``conv_x(x) + conv(PE, weight_pos, bias)``
+with the encoding as a constant of the traced feature-map size and no concatenation.
 """
 
 import torch
@@ -44,7 +56,8 @@ class PositionalConv2d(nn.Module):
         self.pos_channels = pos_channels
         self.padding = kernel_size // 2
         self.fold_positional = fold_positional
-        self._cached_response: tuple[tuple, torch.Tensor] | None = None
+        # (key of the input, weight_pos and bias as they were, response); see the module docstring.
+        self._cached_response: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def positional_encoding(self, x: torch.Tensor) -> torch.Tensor:
         """Return the ``(1, pos_channels, H, W)`` encoding matching ``x``'s spatial size, device and dtype.
@@ -68,17 +81,16 @@ class PositionalConv2d(nn.Module):
             torch.Tensor: Tensor of shape ``(1, out_channels, H, W)``.
         """
         reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _is_exporting()
-        key = (
-            tuple(x.shape[-2:]),
-            x.device,
-            x.dtype,
-            self.weight_pos._version,  # noqa: SLF001 - in-place updates (optimiser, load_state_dict) bump it
-            self.bias._version,  # noqa: SLF001
-        )
-        if reusable and self._cached_response is not None and self._cached_response[0] == key:
-            return self._cached_response[1]
+        key = (tuple(x.shape[-2:]), x.device, x.dtype)
+        if reusable and self._cached_response is not None:
+            cached_key, weight, bias, response = self._cached_response
+            if cached_key == key and _equal(weight, self.weight_pos) and _equal(bias, self.bias):
+                return response
         response = F.conv2d(self.positional_encoding(x), self.weight_pos, self.bias, padding=self.padding)
-        self._cached_response = (key, response) if reusable else None
+        if reusable:
+            self._cached_response = (key, self.weight_pos.detach().clone(), self.bias.detach().clone(), response)
+        else:
+            self._cached_response = None
         return response
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,3 +112,8 @@ class PositionalConv2d(nn.Module):
 def _is_exporting() -> bool:
     """Tell whether a graph is being traced for export, where a cached tensor must not leak into the graph."""
     return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def _equal(snapshot: torch.Tensor, current: torch.Tensor) -> bool:
+    """Tell whether ``current`` has the snapshot's dtype, device, shape and values (NaNs never compare equal)."""
+    return snapshot.dtype == current.dtype and snapshot.device == current.device and torch.equal(snapshot, current)
