@@ -63,6 +63,13 @@ _VARIANTS = (
     Variant("gcaflow_alpha1", "GCAFlow, alpha 1", {"expansion": 1}, ("expansion1.yaml",)),
     Variant("gcaflow_alpha2", "GCAFlow, alpha 2", {"expansion": 2}, ("expansion2.yaml",), in_accuracy_grid=False),
     Variant("gcaflow_alpha3", "GCAFlow, alpha 3", {"expansion": 3}, ("expansion3.yaml",), in_accuracy_grid=False),
+    Variant(
+        "gcaflow_paper_init",
+        "GCAFlow, paper's initialisation (no data_init)",
+        {"data_init": False},
+        ("paper_init.yaml",),
+        in_accuracy_grid=False,
+    ),
     Variant("gcaflow_512", "GCAFlow at 512x512", image_size=512, in_accuracy_grid=False),
     Variant("gcaflow_lite2", "GCAFlow on EfficientNet-Lite2", backbone="tf_efficientnet_lite2", in_accuracy_grid=False),
 )

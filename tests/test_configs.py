@@ -96,6 +96,8 @@ def _built_value(model: nn.Module, key: str) -> Any:
         has_msflow = any(isinstance(m, MSFlowSubnet) for m in model.modules())
         has_hierarchical = bool(_hierarchical_subnets(model))
         return {name for name, present in (("msflow", has_msflow), ("hierarchical", has_hierarchical)) if present}
+    if key == "data_init":
+        return {model.model.flow.input_norms is not None}
     msg = f"no module probe for the ablation key {key!r}: add one to _built_value"
     raise AssertionError(msg)
 
