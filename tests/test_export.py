@@ -91,6 +91,8 @@ def reference(trained: tuple[GCAFlow, Path], images: torch.Tensor) -> InferenceB
     interior = ((output.pred_score > 0.01) & (output.pred_score < 0.99)).sum().item()
     assert interior >= 2, f"degenerate reference scores {output.pred_score.tolist()}: train the model longer"
     assert output.anomaly_map.std() > 0.05, "degenerate reference anomaly maps"
+    # The rank-preserving post-processor never ties two images, however far they lie from the threshold.
+    assert len(torch.unique(output.pred_score)) == len(output.pred_score), output.pred_score.tolist()
     return output
 
 
@@ -146,6 +148,9 @@ def _assert_matches(outputs: dict[str, np.ndarray], reference: InferenceBatch, r
         error = np.abs(outputs[name].astype(np.float64) - expected).max()
         assert error <= ATOL, f"{runtime} {name} differs from torch by {error:.2e} > {ATOL}"
     np.testing.assert_array_equal(outputs["pred_label"], reference.pred_label.numpy(), err_msg=f"{runtime} pred_label")
+    scores = outputs["pred_score"].reshape(-1)
+    assert len(np.unique(scores)) == scores.size, f"{runtime} ties image scores: {scores.tolist()}"
+    np.testing.assert_array_equal(scores.argsort(), reference.pred_score.numpy().argsort(), err_msg=f"{runtime} order")
     # A mask pixel may flip only where the map sits within the tolerance of the 0.5 threshold.
     flipped = outputs["pred_mask"] != reference.pred_mask.numpy()
     assert np.all(np.abs(reference.anomaly_map.numpy()[flipped] - 0.5) <= ATOL), f"{runtime} pred_mask"
