@@ -32,7 +32,7 @@ from repo_paths import REPO_ROOT
 from torchvision.io import read_image
 
 from anomalib_gcaflow import GCAFlow
-from anomalib_gcaflow.flow.positional_conv import PositionalConv2d
+from anomalib_gcaflow.model.flow.positional_conv import PositionalConv2d
 
 IMAGE_SIZE = (128, 128)
 MODEL_ARGS = {

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import normalize, pil_to_tensor, resize
 
-from anomalib_gcaflow.anomaly_map import AnomalyMapGenerator
-from anomalib_gcaflow.backbones import backbone_normalization
-from anomalib_gcaflow.loss import GCAFlowLoss
-from anomalib_gcaflow.schedule import warmup_step_factor
-from anomalib_gcaflow.torch_model import GCAFlowModel
+from anomalib_gcaflow.model.anomaly_map import AnomalyMapGenerator
+from anomalib_gcaflow.model.backbones import backbone_normalization
+from anomalib_gcaflow.model.loss import GCAFlowLoss
+from anomalib_gcaflow.model.schedule import warmup_step_factor
+from anomalib_gcaflow.model.torch_model import GCAFlowModel
 
 LITE0 = "tf_efficientnet_lite0"
 
