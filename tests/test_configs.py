@@ -1,5 +1,7 @@
-"""The YAML configs under configs/: they parse with anomalib's CLI parser, build the model they describe, and the
-ablation overrides compose with a data set config and change exactly what they say.
+"""The YAML configs under configs/ parse, build their model, and compose with the ablation overrides.
+
+They parse with anomalib's CLI parser and build the model they describe; the ablation overrides compose with a data
+set config and change exactly what they say.
 
 Offline and CPU: every model is built with ``pre_trained: false`` and nothing runs a forward pass.
 """

@@ -1,5 +1,7 @@
-"""Training feature cache: hits, misses, spill to disk, invalidation, off under random augmentation, same weights,
-and cached images not read again."""
+"""Training feature cache: hits, misses, spill to disk, invalidation, and the same weights with it.
+
+Also: off under random augmentation, and cached images not read again.
+"""
 
 import logging
 import pickle

@@ -43,7 +43,7 @@ def _tiny_inputs(channels: Sequence[int] = (4, 4, 4), batch: int = 2, seed: int 
 def _jacobian_log_det(
     function: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]], inputs: list[torch.Tensor]
 ) -> float:
-    """slogdet of the full Jacobian of ``function`` at the first sample of ``inputs``."""
+    """Log-|det| of the full Jacobian of ``function`` at the first sample of ``inputs``."""
     shapes = [t.shape[1:] for t in inputs]
     sizes = [t[0].numel() for t in inputs]
 

@@ -193,7 +193,7 @@ class GCAFlow(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's post-processor with a normalisation that never ties two scores (see ``post_processor``).
+        """Return anomalib's post-processor with a normalisation that never ties two scores (see ``post_processor``).
 
         Returns:
             PostProcessor: A :class:`RankPreservingPostProcessor`.
@@ -381,7 +381,7 @@ class GCAFlow(AnomalibModule):
             self.model.flow._compiled_call_impl = None  # noqa: SLF001
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's component callbacks, inside the training toolkit's guards for long runs.
+        """Return anomalib's component callbacks inside the training toolkit's guards for long runs.
 
         ``SkipCachedImageReads`` stops reading training images whose features are cached; ``DataCheck`` reads
         every data file before training; ``LastEpochCheckpoint`` keeps the last finished epoch in
