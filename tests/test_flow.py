@@ -1,5 +1,6 @@
 """Exactness of the flow core: inverse, log-determinant against the autograd Jacobian, sizes, options."""
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -177,6 +178,15 @@ def test_invalid_configuration_is_rejected_with_the_setting_named() -> None:
     for setting, kwargs in cases.items():
         with pytest.raises(ValueError, match=setting):
             MultiScaleFlow((8, 8, 8), FlowConfig(**kwargs))
+
+
+def test_flow_config_is_frozen_keeps_depths_as_ints_and_names_every_bad_option() -> None:
+    config = FlowConfig(depths=[1, 2, 3])
+    assert config.depths == (1, 2, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clamp = 1.0
+    with pytest.raises(ValueError, match=r"kernel_size must be odd.*; activation must be one of \['gelu', 'relu'\]"):
+        FlowConfig(kernel_size=4, activation="tanh")
 
 
 def test_wrong_input_shapes_are_rejected() -> None:
