@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch import Trainer
 from torchvision.io import read_image
 
-from anomalib_gcaflow import GCAFlow, lightning_model, precision
+from anomalib_gcaflow import GCAFlow
+from anomalib_gcaflow.model import lightning_model, precision
 from anomalib_gcaflow.model.export import check_inference_precision, pin_openvino_fp32
 
 LITE0 = "tf_efficientnet_lite0"
