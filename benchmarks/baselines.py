@@ -13,7 +13,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_gcaflow.backbones import build_backbone
+from anomalib_gcaflow.model.backbones import build_backbone
 
 # Fastflow's ResNet stages (stride 4/8/16), named by stride stage so that they map onto any backbone.
 FASTFLOW_LAYERS = ("layer1", "layer2", "layer3")
@@ -30,7 +30,7 @@ class SharedBackboneFastflow(Fastflow):
     instance) so that a separate process (the peak-memory measurement) can build the same model by import path.
 
     Args:
-        backbone (str, optional): Backbone name, see ``anomalib_gcaflow.backbones``.
+        backbone (str, optional): Backbone name, see ``anomalib_gcaflow.model.backbones``.
             Defaults to ``"tf_efficientnet_lite0"``.
         weights_path (str | None, optional): Local backbone weights file. Defaults to ``None``.
         flow_steps (int, optional): Flow steps per scale. Defaults to 8.

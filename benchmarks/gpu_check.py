@@ -39,7 +39,7 @@ from lightning.pytorch import Trainer, seed_everything
 from PIL import Image
 
 from anomalib_gcaflow import GCAFlow, GCAFlowModel
-from anomalib_gcaflow.loss import GCAFlowLoss
+from anomalib_gcaflow.model.loss import GCAFlowLoss
 from benchmarks.environment import environment
 from benchmarks.flops import flow_gflop_per_image, model_gflop_per_image
 from benchmarks.rates import autocast_context, flow_forward_rate, inference_timing, machine_peak_gflops

@@ -32,7 +32,7 @@ BASELINE_LAYERS = {
 # for other backbones); never more than the backbone's stages have.
 PADIM_FEATURES = 100
 
-GCAFLOW_BACKBONE = "anomalib_gcaflow.backbones.build_backbone (strict load), checked tensor by tensor."
+GCAFLOW_BACKBONE = "anomalib_gcaflow.model.backbones.build_backbone (strict load), checked tensor by tensor."
 FASTFLOW_CLASS_PATH = "benchmarks.baselines.SharedBackboneFastflow"
 BACKBONE_ADAPTATION = {
     "fastflow": (

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_gcaflow import GCAFlowModel
-from anomalib_gcaflow.flow import PositionalConv2d
-from anomalib_gcaflow.loss import GCAFlowLoss
+from anomalib_gcaflow.model.flow import PositionalConv2d
+from anomalib_gcaflow.model.loss import GCAFlowLoss
 from benchmarks.flops import device_of
 from benchmarks.timing import measure_seconds
 

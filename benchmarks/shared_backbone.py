@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from anomalib_gcaflow.backbones import build_backbone
+from anomalib_gcaflow.model.backbones import build_backbone
 from benchmarks.protocol import Protocol
 
 _ALL_LAYERS = ("layer1", "layer2", "layer3", "layer4")

@@ -49,7 +49,7 @@ def register():
     import anomalib.data as data
     import anomalib.models as models
 
-    from anomalib_gcaflow.lightning_model import GCAFlow
+    from anomalib_gcaflow.model.lightning_model import GCAFlow
 
     alias_mvtec(data)
     models.GCAFlow = GCAFlow

@@ -15,14 +15,14 @@ import timm
 import torch
 from PIL import Image
 
-from anomalib_gcaflow.backbones import (
+from anomalib_gcaflow.model.backbones import (
     SUPPORTED_BACKBONES,
     BackboneWeightsUnavailableError,
     FeaturePyramid,
     backbone_normalization,
     build_backbone,
 )
-from anomalib_gcaflow.torch_model import GCAFlowModel
+from anomalib_gcaflow.model.torch_model import GCAFlowModel
 
 BOTTLE = Path("/work/shared/data/mvtec_ad/bottle/train/good/000.png")
 

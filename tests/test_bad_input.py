@@ -11,7 +11,7 @@ from anomalib.data import ImageBatch, MVTecAD
 from PIL import Image
 from tiny_training import tiny_datamodule, tiny_engine, tiny_gcaflow
 
-from anomalib_gcaflow.data_checks import check_datasets, check_finite_images, explain_setup_failure
+from anomalib_gcaflow.toolkit.data_checks import check_datasets, check_finite_images, explain_setup_failure
 
 
 @pytest.fixture

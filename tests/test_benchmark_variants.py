@@ -32,7 +32,7 @@ def test_every_ablation_config_is_exactly_one_registered_variant() -> None:
 
 
 def test_benchmarks_take_their_variants_from_the_registry() -> None:
-    """accuracy's grid, speed's and gpu_check's MSFlow-equivalent are the registry's entries under its ids."""
+    """The MSFlow-equivalent of accuracy's grid, speed's and gpu_check's is the registry's entry under its ids."""
     assert tuple(GCAFLOW_VARIANTS) == ACCURACY_GRID
     assert all(GCAFLOW_VARIANTS[name] == dict(VARIANTS[name].kwargs) for name in ACCURACY_GRID)
     assert TRAINING_CONFIGS["msflow_equiv"] == ("gcaflow", dict(VARIANTS["msflow_equiv"].kwargs))

@@ -119,7 +119,7 @@ def checkpoint(trained: tuple[Path, dict[str, float]]) -> Path:
 
 
 def _callback_args(directory: Path) -> list[str]:
-    """anomalib's ModelCheckpoint (keeps last.ckpt) and Lightning's (keeps the best pixel AUROC)."""
+    """The ModelCheckpoint of anomalib (keeps last.ckpt) and Lightning's (keeps the best pixel AUROC)."""
     return [
         "--trainer.callbacks+=anomalib.callbacks.ModelCheckpoint",
         "--trainer.callbacks.dirpath",

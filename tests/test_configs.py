@@ -1,5 +1,7 @@
-"""The YAML configs under configs/: they parse with anomalib's CLI parser, build the model they describe, and the
-ablation overrides compose with a data set config and change exactly what they say.
+"""The YAML configs under configs/ parse, build their model, and compose with the ablation overrides.
+
+They parse with anomalib's CLI parser and build the model they describe; the ablation overrides compose with a data
+set config and change exactly what they say.
 
 Offline and CPU: every model is built with ``pre_trained: false`` and nothing runs a forward pass.
 """
@@ -69,21 +71,21 @@ def _trainable_flow_parameters(model: nn.Module) -> int:
 
 
 def _hierarchical_subnets(model: nn.Module) -> list[nn.Module]:
-    from anomalib_gcaflow.flow.subnets import HierarchicalSubnet
+    from anomalib_gcaflow.model.flow.subnets import HierarchicalSubnet
 
     return [m for m in model.modules() if isinstance(m, HierarchicalSubnet)]
 
 
 def _fusion_attention_types(model: nn.Module) -> set[type]:
-    from anomalib_gcaflow.flow.fusion import FusionSubnet
+    from anomalib_gcaflow.model.flow.fusion import FusionSubnet
 
     return {type(m.attention) for m in model.modules() if isinstance(m, FusionSubnet)}
 
 
 def _built_value(model: nn.Module, key: str) -> Any:
     """What the BUILT model has for an ablation key, read from its modules (not from its hyper-parameters)."""
-    from anomalib_gcaflow.flow.attention import ATTENTIONS
-    from anomalib_gcaflow.flow.subnets import MSFlowSubnet
+    from anomalib_gcaflow.model.flow.attention import ATTENTIONS
+    from anomalib_gcaflow.model.flow.subnets import MSFlowSubnet
 
     if key == "kernel_size":
         return {subnet[0].weight_x.shape[-1] for subnet in _hierarchical_subnets(model)}

@@ -2,8 +2,8 @@
 
 import torch
 
-from anomalib_gcaflow.flow import MultiScaleFlow
-from anomalib_gcaflow.flow.actnorm import ActNorm
+from anomalib_gcaflow.model.flow import FlowConfig, MultiScaleFlow
+from anomalib_gcaflow.model.flow.actnorm import ActNorm
 
 CHANNELS = (4, 6, 8)
 SIZES = ((8, 8), (4, 4), (2, 2))
@@ -49,7 +49,7 @@ def test_actnorm_is_the_identity_until_trained_and_keeps_its_state() -> None:
 
 def test_untrained_flow_is_the_standardisation() -> None:
     torch.manual_seed(0)
-    flow = MultiScaleFlow(CHANNELS, depths=(1, 2, 1), pos_embed_dim=4).double()
+    flow = MultiScaleFlow(CHANNELS, FlowConfig(depths=(1, 2, 1), pos_embed_dim=4)).double()
     features = _features()
     latents, log_det = flow(features)
     expected_log_det = 0.0
@@ -67,7 +67,7 @@ def test_untrained_flow_is_the_standardisation() -> None:
 
 def test_data_init_flow_inverts_exactly_after_training_steps() -> None:
     torch.manual_seed(0)
-    flow = MultiScaleFlow(CHANNELS, depths=(1, 1, 1), pos_embed_dim=4).double()
+    flow = MultiScaleFlow(CHANNELS, FlowConfig(depths=(1, 1, 1), pos_embed_dim=4)).double()
     optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
     for step in range(3):
         latents, log_det = flow(_features(seed=step))
@@ -84,6 +84,6 @@ def test_data_init_flow_inverts_exactly_after_training_steps() -> None:
 
 
 def test_paper_initialisation_has_no_actnorm() -> None:
-    flow = MultiScaleFlow(CHANNELS, depths=(1, 1, 1), pos_embed_dim=4, data_init=False)
+    flow = MultiScaleFlow(CHANNELS, FlowConfig(depths=(1, 1, 1), pos_embed_dim=4, data_init=False))
     assert flow.input_norms is None
     assert any(block.subnet[-1].weight.abs().sum() > 0 for stack in flow.stacks for block in stack)

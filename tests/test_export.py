@@ -32,7 +32,7 @@ from repo_paths import REPO_ROOT
 from torchvision.io import read_image
 
 from anomalib_gcaflow import GCAFlow
-from anomalib_gcaflow.flow.positional_conv import PositionalConv2d
+from anomalib_gcaflow.model.flow.positional_conv import PositionalConv2d
 
 IMAGE_SIZE = (128, 128)
 MODEL_ARGS = {
@@ -208,7 +208,7 @@ def test_openvino_inferencer_matches_torch_on_real_images(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """anomalib's ``OpenVINOInferencer`` with the fp32 hint (device ``AUTO``) equals torch to 1e-4."""
+    """The ``OpenVINOInferencer`` of anomalib with the fp32 hint (device ``AUTO``) equals torch to 1e-4."""
     monkeypatch.chdir(tmp_path)  # the inferencer writes an openvino_cache folder into the working directory
     prediction = OpenVINOInferencer(path=cli_openvino, config=F32_HINT).predict(images)
     # The inferencer's batch drops the mask's channel axis; the values are the IR's.

@@ -1,5 +1,7 @@
-"""Training feature cache: hits, misses, spill to disk, invalidation, off under random augmentation, same weights,
-and cached images not read again."""
+"""Training feature cache: hits, misses, spill to disk, invalidation, and the same weights with it.
+
+Also: off under random augmentation, and cached images not read again.
+"""
 
 import logging
 import pickle
@@ -17,7 +19,12 @@ from torch import nn
 from torchvision.transforms import v2
 
 from anomalib_gcaflow import GCAFlow
-from anomalib_gcaflow.feature_cache import CachedImagePlaceholders, FeatureCache, feature_fingerprint, is_deterministic
+from anomalib_gcaflow.toolkit.feature_cache import (
+    CachedImagePlaceholders,
+    FeatureCache,
+    feature_fingerprint,
+    is_deterministic,
+)
 
 IMAGE_SIZE = (64, 64)
 
@@ -237,7 +244,7 @@ def test_cache_is_off_when_training_augmentations_are_random(
     noise_folder: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="anomalib_gcaflow.lightning_model"):
+    with caplog.at_level(logging.INFO, logger="anomalib_gcaflow.model.lightning_model"):
         model, _, _ = _fit(noise_folder, cache_features=True, train_augmentations=v2.RandomHorizontalFlip())
     assert (model.feature_cache.hits, model.feature_cache.misses) == (0, 0)
     assert any("feature cache off" in record.getMessage() for record in caplog.records)

@@ -1,5 +1,6 @@
 """Exactness of the flow core: inverse, log-determinant against the autograd Jacobian, sizes, options."""
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -8,7 +9,8 @@ import torch
 from anomalib.models.image.cflow.utils import positional_encoding_2d as cflow_positional_encoding
 from torch import nn
 
-from anomalib_gcaflow.flow import (
+from anomalib_gcaflow.model.flow import (
+    FlowConfig,
     FusionAttnFlow,
     HFlowBlock,
     HierarchicalSubnet,
@@ -42,7 +44,7 @@ def _tiny_inputs(channels: Sequence[int] = (4, 4, 4), batch: int = 2, seed: int 
 def _jacobian_log_det(
     function: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]], inputs: list[torch.Tensor]
 ) -> float:
-    """slogdet of the full Jacobian of ``function`` at the first sample of ``inputs``."""
+    """Log-|det| of the full Jacobian of ``function`` at the first sample of ``inputs``."""
     shapes = [t.shape[1:] for t in inputs]
     sizes = [t[0].numel() for t in inputs]
 
@@ -72,7 +74,10 @@ def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(attention: str
     torch.manual_seed(0)
     flow = _perturb(
         MultiScaleFlow(
-            (4, 4, 4), depths=(2, 2, 3), kernel_size=3, expansion=2, attention=attention, subnet=subnet, pos_embed_dim=4
+            (4, 4, 4),
+            FlowConfig(
+                depths=(2, 2, 3), kernel_size=3, expansion=2, attention=attention, subnet=subnet, pos_embed_dim=4
+            ),
         ),
     ).double()
     _assert_exact(flow, _tiny_inputs())
@@ -109,8 +114,11 @@ def test_paper_parameter_counts() -> None:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
     paper = {"data_init": False}
-    assert trainable(MultiScaleFlow((256, 512, 1024), **paper)) == 136_202_636
-    assert trainable(MultiScaleFlow((256, 512, 1024), attention="none", subnet="msflow", **paper)) == 99_556_224
+    assert trainable(MultiScaleFlow((256, 512, 1024), FlowConfig(**paper))) == 136_202_636
+    assert (
+        trainable(MultiScaleFlow((256, 512, 1024), FlowConfig(attention="none", subnet="msflow", **paper)))
+        == 99_556_224
+    )
     # The data-dependent start adds one per-channel shift and scale per scale, nothing else.
     assert trainable(MultiScaleFlow((256, 512, 1024))) == 136_202_636 + 2 * (256 + 512 + 1024)
 
@@ -119,9 +127,9 @@ def test_attention_switch_changes_only_the_fusion_subnets() -> None:
     def shapes(flow: MultiScaleFlow) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in flow.named_parameters()}
 
-    reference = shapes(MultiScaleFlow((8, 8, 16), depths=(1, 1, 1), pos_embed_dim=4, attention="none"))
+    reference = shapes(MultiScaleFlow((8, 8, 16), FlowConfig(depths=(1, 1, 1), pos_embed_dim=4, attention="none")))
     for attention in ("gca", "eca", "se"):
-        variant = shapes(MultiScaleFlow((8, 8, 16), depths=(1, 1, 1), pos_embed_dim=4, attention=attention))
+        variant = shapes(MultiScaleFlow((8, 8, 16), FlowConfig(depths=(1, 1, 1), pos_embed_dim=4, attention=attention)))
         added = set(variant) - set(reference)
         assert added, attention
         assert all(name.startswith(("fusion.subnet_p.attention.", "fusion.subnet_q.attention.")) for name in added)
@@ -169,11 +177,20 @@ def test_invalid_configuration_is_rejected_with_the_setting_named() -> None:
     }
     for setting, kwargs in cases.items():
         with pytest.raises(ValueError, match=setting):
-            MultiScaleFlow((8, 8, 8), **kwargs)
+            MultiScaleFlow((8, 8, 8), FlowConfig(**kwargs))
+
+
+def test_flow_config_is_frozen_keeps_depths_as_ints_and_names_every_bad_option() -> None:
+    config = FlowConfig(depths=[1, 2, 3])
+    assert config.depths == (1, 2, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clamp = 1.0
+    with pytest.raises(ValueError, match=r"kernel_size must be odd.*; activation must be one of \['gelu', 'relu'\]"):
+        FlowConfig(kernel_size=4, activation="tanh")
 
 
 def test_wrong_input_shapes_are_rejected() -> None:
-    flow = MultiScaleFlow((4, 4, 4), depths=(1, 1, 1), pos_embed_dim=4)
+    flow = MultiScaleFlow((4, 4, 4), FlowConfig(depths=(1, 1, 1), pos_embed_dim=4))
     with pytest.raises(ValueError, match="expects 3 tensors"):
         flow([torch.randn(1, 4, 4, 4), torch.randn(1, 5, 2, 2), torch.randn(1, 4, 1, 1)])
     with pytest.raises(ValueError, match="expects 3 tensors"):
@@ -181,7 +198,7 @@ def test_wrong_input_shapes_are_rejected() -> None:
 
 
 def test_flow_runs_on_any_resolution_and_keeps_shapes() -> None:
-    flow = MultiScaleFlow((8, 16, 32), depths=(1, 2, 1), pos_embed_dim=8).eval()
+    flow = MultiScaleFlow((8, 16, 32), FlowConfig(depths=(1, 2, 1), pos_embed_dim=8)).eval()
     inputs = [torch.randn(2, 8, 12, 10), torch.randn(2, 16, 6, 5), torch.randn(2, 32, 3, 3)]
     latents, log_det = flow(inputs)
     assert [z.shape for z in latents] == [x.shape for x in inputs]

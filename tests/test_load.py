@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision.transforms.v2.functional import normalize, pil_to_tensor
 
 from anomalib_gcaflow import GCAFlowModel
-from anomalib_gcaflow.backbones import backbone_normalization
-from anomalib_gcaflow.flow import PositionalConv2d
+from anomalib_gcaflow.model.backbones import backbone_normalization
+from anomalib_gcaflow.model.flow import PositionalConv2d
 
 LITE0 = "tf_efficientnet_lite0"
 SIZE = 64

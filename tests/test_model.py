@@ -7,11 +7,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import normalize, pil_to_tensor, resize
 
-from anomalib_gcaflow.anomaly_map import AnomalyMapGenerator
-from anomalib_gcaflow.backbones import backbone_normalization
-from anomalib_gcaflow.loss import GCAFlowLoss
-from anomalib_gcaflow.schedule import warmup_step_factor
-from anomalib_gcaflow.torch_model import GCAFlowModel
+from anomalib_gcaflow import FlowConfig, GCAFlow
+from anomalib_gcaflow.model.anomaly_map import AnomalyMapGenerator
+from anomalib_gcaflow.model.backbones import backbone_normalization
+from anomalib_gcaflow.model.loss import GCAFlowLoss
+from anomalib_gcaflow.model.schedule import warmup_step_factor
+from anomalib_gcaflow.model.torch_model import GCAFlowModel
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -96,6 +97,16 @@ def test_backbone_is_frozen_and_only_the_flow_trains() -> None:
     assert not model.feature_extractor.training
     assert not any(p.requires_grad for p in model.feature_extractor.parameters())
     assert all(p.requires_grad for p in model.flow.parameters() if p.dtype.is_floating_point and p.ndim == 1)
+
+
+def test_gcaflow_gathers_its_flat_flow_options_into_one_config() -> None:
+    model = GCAFlow(backbone=LITE0, pre_trained=False, depths=[1, 1, 1], expansion=2, attention="eca", data_init=False)
+    assert model.model.flow.config == FlowConfig(depths=(1, 1, 1), expansion=2, attention="eca", data_init=False)
+    # The CLI's and the checkpoints' keys stay the flat arguments.
+    assert model.hparams.depths == [1, 1, 1]
+    assert model.hparams.attention == "eca"
+    with pytest.raises(ValueError, match=r"either in flow_config or as keywords, not both: got \['depths'\]"):
+        GCAFlowModel(backbone=LITE0, pre_trained=False, flow_config=FlowConfig(), depths=(1, 1, 1))
 
 
 def test_loss_is_msflow_nll() -> None:

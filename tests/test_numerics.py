@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import normalize, pil_to_tensor
 
-from anomalib_gcaflow import GCAFlowModel, MultiScaleFlow
-from anomalib_gcaflow.backbones import backbone_normalization
-from anomalib_gcaflow.flow.reduction import sum_per_sample
-from anomalib_gcaflow.loss import GCAFlowLoss
+from anomalib_gcaflow import FlowConfig, GCAFlowModel, MultiScaleFlow
+from anomalib_gcaflow.model.backbones import backbone_normalization
+from anomalib_gcaflow.model.flow.reduction import sum_per_sample
+from anomalib_gcaflow.model.loss import GCAFlowLoss
 
 LITE0 = "tf_efficientnet_lite0"
 SIZE = 64
@@ -115,7 +115,7 @@ def test_scores_and_maps_are_finite_on_extreme_images(
 @PRECISIONS
 def test_flow_is_finite_on_zero_variance_and_huge_features(autocast: bool) -> None:
     torch.manual_seed(0)
-    flow = MultiScaleFlow((8, 8, 8), depths=(1, 1, 1), kernel_size=3, expansion=1, pos_embed_dim=8)
+    flow = MultiScaleFlow((8, 8, 8), FlowConfig(depths=(1, 1, 1), kernel_size=3, expansion=1, pos_embed_dim=8))
     sizes = ((8, 8), (4, 4), (2, 2))
     cases = {
         # Every channel equal at every pixel: the subnets' channel LayerNorm sees zero variance.

@@ -82,7 +82,7 @@ def test_get_model_and_get_datamodule_find_the_bare_names(tmp_path: Path) -> Non
         }}))
     """)
     assert info == {
-        "by_name": "anomalib_gcaflow.lightning_model",
+        "by_name": "anomalib_gcaflow.model.lightning_model",
         "by_class_path": "GCAFlow",
         "by_path": "GCAFlow",
         "listed": True,

@@ -18,8 +18,9 @@ import torch
 from lightning.pytorch import Trainer
 from torchvision.io import read_image
 
-from anomalib_gcaflow import GCAFlow, lightning_model, precision
-from anomalib_gcaflow.export import check_inference_precision, pin_openvino_fp32
+from anomalib_gcaflow import GCAFlow
+from anomalib_gcaflow.model import lightning_model, precision
+from anomalib_gcaflow.model.export import check_inference_precision, pin_openvino_fp32
 
 LITE0 = "tf_efficientnet_lite0"
 # Nats per latent dimension; measured 2e-3 (log-det) and 3e-2 (loss, whose squared norms double bf16's error) on

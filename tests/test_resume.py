@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from tiny_training import EPOCHS, tiny_datamodule, tiny_engine, tiny_gcaflow
 
 from anomalib_gcaflow import GCAFlow
-from anomalib_gcaflow.callbacks import LastEpochCheckpoint
+from anomalib_gcaflow.toolkit.callbacks import LastEpochCheckpoint
 
 
 class Interrupt(Callback):

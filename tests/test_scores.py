@@ -8,9 +8,9 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.post_processing import PostProcessor
 
 from anomalib_gcaflow import GCAFlow
-from anomalib_gcaflow.anomaly_map import AnomalyMapGenerator
-from anomalib_gcaflow.post_processor import RankPreservingPostProcessor
-from anomalib_gcaflow.schedule import budget_schedule, warmup_step_factor
+from anomalib_gcaflow.model.anomaly_map import AnomalyMapGenerator
+from anomalib_gcaflow.model.post_processor import RankPreservingPostProcessor
+from anomalib_gcaflow.model.schedule import budget_schedule, warmup_step_factor
 
 SIZE = (64, 64)
 

@@ -12,8 +12,8 @@ from anomalib.data import Folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from anomalib_gcaflow import GCAFlow, MultiScaleFlow
-from anomalib_gcaflow.loss import GCAFlowLoss
+from anomalib_gcaflow import FlowConfig, GCAFlow, MultiScaleFlow
+from anomalib_gcaflow.model.loss import GCAFlowLoss
 from benchmarks import speed
 from benchmarks.speed_sections import TRAINING_CONFIGS
 
@@ -55,7 +55,7 @@ def test_quick_benchmark_runs_end_to_end_and_writes_valid_json(
 
 def test_log_det_and_nll_reductions_stay_fp32_under_bf16_autocast() -> None:
     torch.manual_seed(0)
-    flow = MultiScaleFlow((4, 6, 8), depths=(1, 1, 1), kernel_size=3, expansion=1, pos_embed_dim=4)
+    flow = MultiScaleFlow((4, 6, 8), FlowConfig(depths=(1, 1, 1), kernel_size=3, expansion=1, pos_embed_dim=4))
     features = [torch.randn(2, c, s, s) for c, s in zip((4, 6, 8), (8, 4, 2), strict=True)]
     reference_latents, reference_log_det = flow(features)
     reference_loss = GCAFlowLoss()(reference_latents, reference_log_det)
@@ -138,7 +138,7 @@ def test_compile_flow_compiles_only_inside_trainer_runs() -> None:
 )
 def test_compiled_flow_matches_eager() -> None:
     torch.manual_seed(0)
-    flow = MultiScaleFlow((4, 6, 8), depths=(1, 1, 1), kernel_size=3, expansion=1, pos_embed_dim=4).eval()
+    flow = MultiScaleFlow((4, 6, 8), FlowConfig(depths=(1, 1, 1), kernel_size=3, expansion=1, pos_embed_dim=4)).eval()
     features = [torch.randn(2, c, s, s) for c, s in zip((4, 6, 8), (8, 4, 2), strict=True)]
     with torch.no_grad():
         reference_latents, reference_log_det = flow(features)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from anomalib_gcaflow.flow import HFlowBlock, HierarchicalSubnet, MultiScaleFlow, PositionalConv2d
+from anomalib_gcaflow.model.flow import FlowConfig, HFlowBlock, HierarchicalSubnet, MultiScaleFlow, PositionalConv2d
 
 TOLERANCE = 1e-10
 
@@ -128,7 +128,7 @@ def test_device_move_recomputes_the_response() -> None:
 
 
 def test_parameters_are_contiguous_learned_tensors_for_torch_utilities() -> None:
-    flow = MultiScaleFlow((8, 8, 16), depths=(1, 1, 1), pos_embed_dim=8)
+    flow = MultiScaleFlow((8, 8, 16), FlowConfig(depths=(1, 1, 1), pos_embed_dim=8))
     vector = parameters_to_vector(flow.parameters())
     assert vector.numel() == sum(p.numel() for p in flow.parameters())
     assert all(p.requires_grad for p in flow.parameters())

@@ -3,8 +3,6 @@
 Paper: Liao et al., Sensors 2025, https://doi.org/10.3390/s25103205. Credits and licences: NOTICE.
 """
 
-from anomalib_gcaflow.flow import MultiScaleFlow
-from anomalib_gcaflow.lightning_model import GCAFlow
-from anomalib_gcaflow.torch_model import GCAFlowModel
+from anomalib_gcaflow.model import FlowConfig, GCAFlow, GCAFlowModel, MultiScaleFlow
 
-__all__ = ["GCAFlow", "GCAFlowModel", "MultiScaleFlow"]
+__all__ = ["FlowConfig", "GCAFlow", "GCAFlowModel", "MultiScaleFlow"]

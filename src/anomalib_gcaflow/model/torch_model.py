@@ -6,14 +6,15 @@ https://doi.org/10.3390/s25103205).
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_gcaflow.anomaly_map import AnomalyMapGenerator
-from anomalib_gcaflow.backbones import BackboneWeightsUnavailableError, build_backbone
-from anomalib_gcaflow.flow import MultiScaleFlow
+from anomalib_gcaflow.model.anomaly_map import AnomalyMapGenerator
+from anomalib_gcaflow.model.backbones import BackboneWeightsUnavailableError, build_backbone
+from anomalib_gcaflow.model.flow import FlowConfig, MultiScaleFlow
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class GCAFlowModel(nn.Module):
     anomalib's ``InferenceBatch(pred_score, anomaly_map)`` with the pixel map at the input's resolution.
 
     Args:
-        backbone (str, optional): Feature extractor name (see ``anomalib_gcaflow.backbones``).
+        backbone (str, optional): Feature extractor name (see ``anomalib_gcaflow.model.backbones``).
             Defaults to ``"wide_resnet50_2"`` (the paper's, torchvision V1 ImageNet weights).
         pre_trained (bool, optional): Load ImageNet weights (strictly; a failed load is an error).
             Defaults to ``True``.
@@ -33,21 +34,15 @@ class GCAFlowModel(nn.Module):
             stride-4/8/16 stages (WRN50 ``layer1``-``layer3``). Defaults to ``None``.
         weights_path (str | None, optional): Local weights file for the backbone instead of a download.
             Defaults to ``None``.
-        depths (Sequence[int], optional): H-Flow blocks per scale. Defaults to ``(2, 5, 8)``.
-        kernel_size (int, optional): Kernel of the H-Flow subnet. Defaults to 5.
-        expansion (int, optional): Expansion alpha of the H-Flow subnet. Defaults to 4.
-        attention (str, optional): Fusion attention ``"gca"``, ``"eca"``, ``"se"`` or ``"none"``.
-            Defaults to ``"gca"``.
-        subnet (str, optional): ``"hierarchical"`` or ``"msflow"``. Defaults to ``"hierarchical"``.
-        pos_embed_dim (int, optional): Positional-encoding channels. Defaults to 64.
-        clamp (float, optional): Log-scale bound of the couplings. Defaults to 1.9.
-        activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
-        fold_positional (bool, optional): Fold the positional encoding's convolution (exact, faster).
-            Defaults to ``True``.
-        data_init (bool, optional): Start the flow from the data (Glow's ActNorm from the first training batch,
-            couplings at the identity); the first epoch then already scores well. ``False``: the paper's
-            initialisation. Defaults to ``True``.
+        flow_config (FlowConfig | None, optional): The flow's shape. Defaults to ``None``: a :class:`FlowConfig`
+            built from ``flow_options``.
         top_k (float, optional): Fraction of pixels in the image score. Defaults to 0.03.
+        **flow_options (Any): :class:`FlowConfig` options (``depths=(1, 1, 1)``, ...) when ``flow_config`` is not given,
+            a shorthand for scripts.
+
+    Raises:
+        ValueError: If ``flow_config`` and ``flow_options`` are both given, if an option is out of range, or if
+            the depths do not match the backbone's stages.
     """
 
     def __init__(
@@ -56,19 +51,15 @@ class GCAFlowModel(nn.Module):
         pre_trained: bool = True,
         layers: Sequence[str] | None = None,
         weights_path: str | None = None,
-        depths: Sequence[int] = (2, 5, 8),
-        kernel_size: int = 5,
-        expansion: int = 4,
-        attention: str = "gca",
-        subnet: str = "hierarchical",
-        pos_embed_dim: int = 64,
-        clamp: float = 1.9,
-        activation: str = "gelu",
-        fold_positional: bool = True,
-        data_init: bool = True,
+        flow_config: FlowConfig | None = None,
         top_k: float = 0.03,
+        **flow_options: Any,  # noqa: ANN401 - FlowConfig's fields, each typed there
     ) -> None:
         super().__init__()
+        if flow_config is not None and flow_options:
+            msg = f"give the flow's options either in flow_config or as keywords, not both: got {sorted(flow_options)}"
+            raise ValueError(msg)
+        flow_config = FlowConfig(**flow_options) if flow_config is None else flow_config
         # Validate the cheap parts first, so a bad configuration never waits for a backbone download.
         self.anomaly_map_generator = AnomalyMapGenerator(top_k)
         # Weights that cannot be downloaded fail at first use, not here: the anomalib CLI builds the model while it
@@ -87,26 +78,14 @@ class GCAFlowModel(nn.Module):
             self.feature_extractor = build_backbone(backbone, pre_trained=False, layers=layers)
             self.missing_weights = str(error)
             self.register_load_state_dict_post_hook(_weights_loaded)
-        if len(depths) != len(self.feature_extractor.channels):
+        if len(flow_config.depths) != len(self.feature_extractor.channels):
             msg = (
-                f"depths {list(depths)} must give one block count per backbone layer; backbone {backbone!r} "
-                f"returns {len(self.feature_extractor.channels)} feature maps"
+                f"depths {list(flow_config.depths)} must give one block count per backbone layer; backbone "
+                f"{backbone!r} returns {len(self.feature_extractor.channels)} feature maps"
             )
             raise ValueError(msg)
         self.pool = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)
-        self.flow = MultiScaleFlow(
-            self.feature_extractor.channels,
-            depths=depths,
-            kernel_size=kernel_size,
-            expansion=expansion,
-            attention=attention,
-            subnet=subnet,
-            pos_embed_dim=pos_embed_dim,
-            clamp=clamp,
-            activation=activation,
-            fold_positional=fold_positional,
-            data_init=data_init,
-        )
+        self.flow = MultiScaleFlow(self.feature_extractor.channels, flow_config)
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:

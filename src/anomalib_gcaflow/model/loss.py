@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from anomalib_gcaflow.flow.reduction import sum_per_sample
+from anomalib_gcaflow.model.flow.reduction import sum_per_sample
 
 HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 

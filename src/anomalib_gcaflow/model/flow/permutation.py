@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
-from anomalib_gcaflow.flow.invertible import ShapePreservingModule
+from anomalib_gcaflow.model.flow.invertible import ShapePreservingModule
 
 
 class ChannelPermutation(ShapePreservingModule):

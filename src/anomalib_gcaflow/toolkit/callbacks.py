@@ -1,4 +1,4 @@
-"""Lightning callbacks that keep a long GCAFlow run from being lost, corrupted or mis-scored.
+"""Lightning callbacks that keep a long anomalib run from being lost, corrupted or mis-scored.
 
 * :class:`SkipCachedImageReads` stops reading training images whose backbone features are already cached.
 * :class:`DataCheck` reads every data file before the first epoch and rejects non-finite input batches.
@@ -6,8 +6,9 @@
   stops at the first non-finite loss so that this file always holds the last good epoch.
 * :class:`DistributedEvaluation` makes multi-process validation and test count every image exactly once.
 
-``GCAFlow.configure_callbacks`` adds all four, so they work with anomalib's ``Engine``, its CLI and a plain
-Lightning ``Trainer`` alike.
+:func:`anomalib_gcaflow.toolkit.training_callbacks` returns all four in the order they must run; GCAFlow's
+``configure_callbacks`` calls it, and any other model gets them with ``Engine(callbacks=training_callbacks())``.
+They work with anomalib's ``Engine``, its CLI and a plain Lightning ``Trainer`` alike.
 """
 
 import logging
@@ -25,13 +26,13 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 from torchmetrics import Metric
 
-from anomalib_gcaflow.data_checks import (
+from anomalib_gcaflow.toolkit.data_checks import (
     check_datasets,
     check_finite_images,
     check_image_files,
     explain_setup_failure,
 )
-from anomalib_gcaflow.feature_cache import CachedImagePlaceholders
+from anomalib_gcaflow.toolkit.feature_cache import CachedImagePlaceholders
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,11 @@ class SkipCachedImageReads(Callback):
     """Serve training images whose features the model has cached as placeholders instead of reading them again.
 
     At ``setup("fit")`` the data module's training set is wrapped in
-    :class:`~anomalib_gcaflow.feature_cache.CachedImagePlaceholders` (the data module has been set up by then, its
-    training loader is not built yet); every training batch is shown to it before the pre-processor changes the
-    batch (this callback must come before the model's pre-processor), and ``teardown`` gives the data module its
-    own training set back. Models without a ``feature_cache`` and data that does not come from an anomalib data
-    module are left alone.
+    :class:`~anomalib_gcaflow.toolkit.feature_cache.CachedImagePlaceholders` (the data module has been set up by
+    then, its training loader is not built yet); every training batch is shown to it before the pre-processor
+    changes the batch (this callback must come before the model's pre-processor), and ``teardown`` gives the data
+    module its own training set back. Models without a ``feature_cache`` and data that does not come from an
+    anomalib data module are left alone.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -96,7 +97,7 @@ class DataCheck(Callback):
     """Check the data before the first epoch, and every batch for NaN or infinite pixels.
 
     At ``setup`` (after anomalib has set the data module up) every image and mask of the stage's splits is read
-    with :func:`~anomalib_gcaflow.data_checks.check_datasets`; fitting reads the test split too, so that a bad
+    with :func:`~anomalib_gcaflow.toolkit.data_checks.check_datasets`; fitting reads the test split too, so that a bad
     test image stops the run before training rather than after it. ``predict`` reads its data loaders' files at
     ``on_predict_start``, before the first batch. If anomalib's own ``prepare_data`` or
     ``setup`` of the data module fails first, the cause found on disk (wrong root or category, broken links,
@@ -115,7 +116,7 @@ class DataCheck(Callback):
             stage (str): ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
 
         Raises:
-            ValueError: If a file is unusable (see :func:`~anomalib_gcaflow.data_checks.check_datasets`).
+            ValueError: If a file is unusable (see :func:`~anomalib_gcaflow.toolkit.data_checks.check_datasets`).
         """
         del pl_module
         self._data_module_ready = True
@@ -141,7 +142,7 @@ class DataCheck(Callback):
             pl_module (LightningModule): The model (unused).
 
         Raises:
-            ValueError: If a file is unusable (see :mod:`~anomalib_gcaflow.data_checks`).
+            ValueError: If a file is unusable (see :mod:`~anomalib_gcaflow.toolkit.data_checks`).
         """
         del pl_module
         loaders = trainer.predict_dataloaders

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from anomalib_gcaflow.flow.invertible import ShapePreservingModule
+from anomalib_gcaflow.model.flow.invertible import ShapePreservingModule
 
 
 class ActNorm(ShapePreservingModule):

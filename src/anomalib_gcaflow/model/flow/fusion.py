@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from anomalib_gcaflow.flow.attention import build_channel_attention
-from anomalib_gcaflow.flow.invertible import ShapePreservingModule
-from anomalib_gcaflow.flow.norm import ChannelLayerNorm
-from anomalib_gcaflow.flow.reduction import sum_per_sample
+from anomalib_gcaflow.model.flow.attention import build_channel_attention
+from anomalib_gcaflow.model.flow.invertible import ShapePreservingModule
+from anomalib_gcaflow.model.flow.norm import ChannelLayerNorm
+from anomalib_gcaflow.model.flow.reduction import sum_per_sample
 
 # MSFlow's soft clamp uses 0.636 (not exactly 2/pi); kept for fidelity.
 ATAN_CLAMP_SCALE = 0.636

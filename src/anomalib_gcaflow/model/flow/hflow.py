@@ -22,7 +22,7 @@ import torch
 from anomalib.models.components.flow import AllInOneBlock
 from torch import nn
 
-from anomalib_gcaflow.flow.reduction import sum_per_sample
+from anomalib_gcaflow.model.flow.reduction import sum_per_sample
 
 
 class HFlowBlock(AllInOneBlock):

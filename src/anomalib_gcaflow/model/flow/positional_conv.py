@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from anomalib_gcaflow.flow.positional import positional_encoding_2d
+from anomalib_gcaflow.model.flow.positional import positional_encoding_2d
 
 
 class PositionalConv2d(nn.Module):

@@ -26,21 +26,22 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.optim.lr_scheduler import LambdaLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_gcaflow.backbones import backbone_normalization
-from anomalib_gcaflow.callbacks import DataCheck, DistributedEvaluation, LastEpochCheckpoint, SkipCachedImageReads
-from anomalib_gcaflow.export import check_inference_precision, pin_openvino_fp32
-from anomalib_gcaflow.feature_cache import (
+from anomalib_gcaflow.model.backbones import backbone_normalization
+from anomalib_gcaflow.model.export import check_inference_precision, pin_openvino_fp32
+from anomalib_gcaflow.model.flow import FlowConfig
+from anomalib_gcaflow.model.loss import GCAFlowLoss
+from anomalib_gcaflow.model.post_processor import RankPreservingPostProcessor
+from anomalib_gcaflow.model.precision import cpu_accelerates_bf16, warn_slow_cpu_bf16
+from anomalib_gcaflow.model.schedule import PAPER_EPOCHS, budget_schedule, warmup_step_factor
+from anomalib_gcaflow.model.torch_model import GCAFlowModel
+from anomalib_gcaflow.toolkit import training_callbacks
+from anomalib_gcaflow.toolkit.feature_cache import (
     DEFAULT_CACHE_BYTES,
     FeatureCache,
     feature_fingerprint,
     is_deterministic,
     training_transforms,
 )
-from anomalib_gcaflow.loss import GCAFlowLoss
-from anomalib_gcaflow.post_processor import RankPreservingPostProcessor
-from anomalib_gcaflow.precision import cpu_accelerates_bf16, warn_slow_cpu_bf16
-from anomalib_gcaflow.schedule import PAPER_EPOCHS, budget_schedule, warmup_step_factor
-from anomalib_gcaflow.torch_model import GCAFlowModel
 
 PAPER_IMAGE_SIZE = (512, 512)
 
@@ -49,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 class GCAFlow(AnomalibModule):
     """GCAFlow: multi-scale normalizing flow with H-Flow blocks and global context-aware channel attention.
+
+    The flow's shape options (``depths`` to ``activation``, ``fold_positional``, ``data_init``) stay flat keyword
+    arguments, as anomalib's CLI and the checkpoints' hyper-parameters name them; they are gathered into one
+    :class:`~anomalib_gcaflow.model.flow.FlowConfig`, which validates them and is all the lower layers take.
 
     Args:
         backbone (str, optional): Frozen feature extractor. ``"wide_resnet50_2"`` is the paper's (needs a network
@@ -148,16 +153,18 @@ class GCAFlow(AnomalibModule):
             pre_trained=pre_trained,
             layers=layers,
             weights_path=weights_path,
-            depths=depths,
-            kernel_size=kernel_size,
-            expansion=expansion,
-            attention=attention,
-            subnet=subnet,
-            pos_embed_dim=pos_embed_dim,
-            clamp=clamp,
-            activation=activation,
-            fold_positional=fold_positional,
-            data_init=data_init,
+            flow_config=FlowConfig(
+                depths=depths,
+                kernel_size=kernel_size,
+                expansion=expansion,
+                attention=attention,
+                subnet=subnet,
+                pos_embed_dim=pos_embed_dim,
+                clamp=clamp,
+                activation=activation,
+                fold_positional=fold_positional,
+                data_init=data_init,
+            ),
             top_k=top_k,
         )
         self.loss = GCAFlowLoss()
@@ -190,7 +197,7 @@ class GCAFlow(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's post-processor with a normalisation that never ties two scores (see ``post_processor``).
+        """Return anomalib's post-processor with a normalisation that never ties two scores (see ``post_processor``).
 
         Returns:
             PostProcessor: A :class:`RankPreservingPostProcessor`.
@@ -378,20 +385,18 @@ class GCAFlow(AnomalibModule):
             self.model.flow._compiled_call_impl = None  # noqa: SLF001
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's component callbacks, plus GCAFlow's guards for long runs.
+        """Return anomalib's component callbacks inside the training toolkit's guards for long runs.
 
         ``SkipCachedImageReads`` stops reading training images whose features are cached; ``DataCheck`` reads
         every data file before training; ``LastEpochCheckpoint`` keeps the last finished epoch in
         ``weights/lightning/last.ckpt`` for ``--ckpt_path``; ``DistributedEvaluation`` counts every image once
-        under DDP.
+        under DDP (see :func:`anomalib_gcaflow.toolkit.training_callbacks`).
 
         Returns:
             list[Callback]: The callbacks.
         """
         components = super().configure_callbacks()
-        components = [components] if isinstance(components, Callback) else list(components)
-        # First, so that it sees training batches before the pre-processor transforms them.
-        return [SkipCachedImageReads(), *components, DataCheck(), LastEpochCheckpoint(), DistributedEvaluation()]
+        return training_callbacks([components] if isinstance(components, Callback) else components)
 
     @property
     def epoch_budget(self) -> int:

@@ -6,10 +6,11 @@ shift of the active half. Both start with a convolution over ``[x; PE]``, which 
 
 from torch import nn
 
-from anomalib_gcaflow.flow.norm import ChannelLayerNorm
-from anomalib_gcaflow.flow.positional_conv import PositionalConv2d
+from anomalib_gcaflow.model.flow.norm import ChannelLayerNorm
+from anomalib_gcaflow.model.flow.positional_conv import PositionalConv2d
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+SUBNETS = ("hierarchical", "msflow")
 
 
 class HierarchicalSubnet(nn.Sequential):
