@@ -27,9 +27,11 @@ LITE0 = "tf_efficientnet_lite0"
 # the model below, on an AVX512_BF16 CPU.
 LOG_DET_ATOL_PER_DIM = 1e-2
 LOSS_RTOL = 2e-2
-# Image scores are top-K means in [0, 1] (measured 5e-5); maps are per-image likelihood differences, compared
-# relative to each map's maximum (measured 0.12: maps follow exp of squared latents, which magnify bf16's error).
-SCORE_ATOL = 1e-3
+# Image scores are differences of log-likelihoods summed over channels and scales, in nats: each latent's 0.4 %
+# reaches the score as a few % of it (measured up to 8 % on the model below); what must survive is the ranking of
+# normal against defective images. Maps are per-image likelihood differences, compared relative to each map's
+# maximum (measured 0.12: maps follow exp of squared latents, which magnify bf16's error).
+SCORE_RTOL = 0.15
 MAP_RTOL = 0.25
 
 
@@ -90,7 +92,10 @@ def test_bf16_autocast_scores_and_maps_are_fp32_within_tolerance(
             output_bf16 = model.model(images)
     assert output_bf16.pred_score.dtype == torch.float32
     assert output_bf16.anomaly_map.dtype == torch.float32
-    assert (output_bf16.pred_score - output.pred_score).abs().max() <= SCORE_ATOL
+    assert torch.all((output_bf16.pred_score - output.pred_score).abs() <= SCORE_RTOL * output.pred_score)
+    normal, defective = output.pred_score[:3], output.pred_score[3:]
+    assert normal.max() < defective.min(), "the test needs fp32 scores that separate the two kinds of image"
+    assert output_bf16.pred_score[:3].max() < output_bf16.pred_score[3:].min()
     map_error = (output_bf16.anomaly_map - output.anomaly_map).abs().amax(dim=(1, 2, 3))
     assert torch.all(map_error <= MAP_RTOL * output.anomaly_map.amax(dim=(1, 2, 3)))
 
