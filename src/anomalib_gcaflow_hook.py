@@ -12,7 +12,8 @@ every module pass but four; once one of those has executed, it patches anomalib:
 * ``anomalib.cli.cli``: :func:`seed_cli_runs` makes ``seed_everything`` seed, which anomalib 2.7's CLI parses but
   never applies (torch seeds itself randomly at start-up, so every run started from other weights).
 
-stdlib only on purpose: ``wrapt.when_imported`` does the same, but importing ``wrapt`` costs ~70 ms per start.
+stdlib only on purpose: ``wrapt.when_imported`` does the same, but importing ``wrapt`` costs ~130 ms per start
+(docs/plugin.md).
 """
 
 import os
