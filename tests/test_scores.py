@@ -74,6 +74,19 @@ def test_post_processor_preserves_rank_and_threshold() -> None:
     assert slope.item() == pytest.approx(0.1, rel=1e-2)
 
 
+def test_post_processor_keeps_anomalib_values_without_a_range() -> None:
+    post, stock = RankPreservingPostProcessor(), PostProcessor()
+    scores = torch.tensor([1.0, 5.0, 9.0])
+    nan = torch.tensor(float("nan"))
+    # Before validation: the raw scores, as anomalib returns them.
+    assert torch.equal(post._normalize(scores, nan, nan, nan), scores)
+    # A constant validation output: anomalib's 0 / 0.5 / 1 labelling.
+    five = torch.tensor(5.0)
+    expected = stock._normalize(scores, five, five, five)
+    assert torch.equal(post._normalize(scores, five, five, five), expected)
+    assert expected.tolist() == [0.0, 0.5, 1.0]
+
+
 def test_gcaflow_uses_the_rank_preserving_post_processor() -> None:
     model = GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1))
     assert isinstance(model.post_processor, RankPreservingPostProcessor)

@@ -44,16 +44,11 @@ class RankPreservingPostProcessor(PostProcessor):
         Returns:
             torch.Tensor | None: Normalised predictions; ``preds`` unchanged before validation has run.
         """
+        # Before validation (no range yet) and for a constant validation output, anomalib's own values stand.
+        stock = PostProcessor._normalize(preds, norm_min, norm_max, threshold)  # noqa: SLF001 - the overridden parent
         if preds is None:
-            return preds
-        threshold = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
+            return None
+        centre = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
         value_range = norm_max - norm_min
-        zero_range = value_range == 0
-        safe_range = torch.where(zero_range, torch.ones_like(value_range), value_range)
-        distance = (preds - threshold) / safe_range
-        normalized = 0.5 + distance / (1 + 2 * distance.abs())
-        # A constant validation output carries no scale: anomalib's own 0 / 0.5 / 1 labelling.
-        degenerate = torch.where(preds > threshold, 1.0, torch.where(preds < threshold, 0.0, 0.5))
-        normalized = torch.where(zero_range, degenerate, normalized)
-        has_range = ~torch.isnan(norm_min) & ~torch.isnan(norm_max)
-        return torch.where(has_range, normalized, preds)
+        distance = (preds - centre) / value_range
+        return torch.where(value_range > 0, 0.5 + distance / (1 + 2 * distance.abs()), stock)
