@@ -94,19 +94,14 @@ class MultiScaleFlow(ShapePreservingModule):
         outputs = []
         norms = self.input_norms if self.input_norms is not None else [None] * len(self.stacks)
         for xi, norm, stack, permutation in zip(x, norms, self.stacks, self.permutations, strict=True):
-            if norm is not None and not rev:
-                (xi,), norm_log_det = norm((xi,))
-                log_dets.append(norm_log_det)
+            steps = [*stack] if norm is None else [norm, *stack]
             if rev:
                 (xi,), _ = permutation((xi,), rev=True)
-            for block in reversed(stack) if rev else stack:
-                (xi,), block_log_det = block((xi,), rev=rev)
-                log_dets.append(block_log_det)
+            for step in reversed(steps) if rev else steps:
+                (xi,), step_log_det = step((xi,), rev=rev)
+                log_dets.append(step_log_det)
             if not rev:
                 (xi,), _ = permutation((xi,))
-            if norm is not None and rev:
-                (xi,), norm_log_det = norm((xi,), rev=True)
-                log_dets.append(norm_log_det)
             outputs.append(xi)
         if not rev:
             outputs, fusion_log_det = self.fusion(outputs)
