@@ -64,6 +64,18 @@ _VARIANTS = (
     Variant("gcaflow_alpha2", "GCAFlow, alpha 2", {"expansion": 2}, ("expansion2.yaml",), in_accuracy_grid=False),
     Variant("gcaflow_alpha3", "GCAFlow, alpha 3", {"expansion": 3}, ("expansion3.yaml",), in_accuracy_grid=False),
     Variant(
+        "gcaflow_pe16",
+        "GCAFlow, 16-channel positional encoding",
+        {"pos_embed_dim": 16},
+        in_accuracy_grid=False,
+    ),
+    Variant(
+        "gcaflow_noise",
+        "GCAFlow, feature noise 0.1",
+        {"feature_noise": 0.1},
+        in_accuracy_grid=False,
+    ),
+    Variant(
         "gcaflow_paper_init",
         "GCAFlow, paper's initialisation (no data_init)",
         {"data_init": False},

@@ -128,3 +128,26 @@ def test_msflow_learning_rate_schedule() -> None:
     assert all(lr(e) == pytest.approx(3.3e-5) for e in (70, 89))
     assert all(lr(e) == pytest.approx(1.089e-5) for e in (90, 99))
     assert warmup_step_factor(0, warmup_epochs=0, milestones=(), gamma=0.5) == 1.0
+
+
+def test_feature_noise_blurs_only_training_inputs_at_each_channels_scale() -> None:
+    """Training inputs get noise at the requested fraction of each channel's spread; eval outputs are untouched."""
+    options = {"backbone": "tf_efficientnet_lite0", "pre_trained": False, "depths": (1, 1, 1), "data_init": False}
+    model, noisy = GCAFlowModel(**options), GCAFlowModel(**options, feature_noise=0.1)
+    noisy.load_state_dict(model.state_dict())
+    features = [torch.randn(4, c, 8, 8) * (1 + c) for c in model.feature_extractor.channels]
+    images = torch.zeros(4, 3, 64, 64)
+    with torch.no_grad():
+        for feature in features:
+            added = noisy._add_noise(feature) - feature
+            ratio = added.std(dim=(0, 2, 3)) / feature.std(dim=(0, 2, 3), correction=0)
+            assert torch.allclose(ratio, torch.full_like(ratio, 0.1), rtol=0.3)
+        model.train(), noisy.train()
+        clean, _ = model(images, features=features)
+        first, _ = noisy(images, features=features)
+        second, _ = noisy(images, features=features)
+        assert not torch.equal(first[0], clean[0]) and not torch.equal(first[0], second[0])
+        model.eval(), noisy.eval()
+        assert torch.equal(model(images, features=features).anomaly_map, noisy(images, features=features).anomaly_map)
+    with pytest.raises(ValueError, match="feature_noise"):
+        GCAFlowModel(**options, feature_noise=-0.1)

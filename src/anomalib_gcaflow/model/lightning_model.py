@@ -75,6 +75,8 @@ class GCAFlow(AnomalibModule):
         clamp (float, optional): Coupling log-scale bound. Defaults to 1.9.
         activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
         top_k (float, optional): Fraction of pixels averaged into the image score. Defaults to 0.03.
+        feature_noise (float, optional): Gaussian noise added to the flow's training features, as a fraction of
+            each channel's standard deviation (a smoothing regulariser); ``0`` adds none. Defaults to ``0.0``.
         lr (float, optional): Adam learning rate. Defaults to 1e-4.
         warmup_epochs (int | None, optional): Epochs of linear warm-up from 0.1x lr; ``None`` takes 12 % of the
             epoch budget (12 of the paper's 100). Defaults to ``None``.
@@ -123,6 +125,7 @@ class GCAFlow(AnomalibModule):
         clamp: float = 1.9,
         activation: str = "gelu",
         top_k: float = 0.03,
+        feature_noise: float = 0.0,
         lr: float = 1e-4,
         warmup_epochs: int | None = None,
         milestones: Sequence[int] | None = None,
@@ -166,6 +169,7 @@ class GCAFlow(AnomalibModule):
                 data_init=data_init,
             ),
             top_k=top_k,
+            feature_noise=feature_noise,
         )
         self.loss = GCAFlowLoss()
         # A plain attribute, not a buffer: cached features never reach a checkpoint or an export.
