@@ -36,7 +36,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.convergence_report import summarise, write_markdown, write_plot
-from benchmarks.convergence_run import ONE_PASS, TRAINED, Settings, Study, gcaflow_defaults, train_and_evaluate
+from benchmarks.convergence_run import (
+    AUTOCAST_DTYPES,
+    ONE_PASS,
+    TRAINED,
+    Settings,
+    Study,
+    gcaflow_defaults,
+    train_and_evaluate,
+)
 from benchmarks.environment import REPO_ROOT, cpu_flags, load_average, load_record, machine, versions
 from benchmarks.protocol import (
     CPU_MAGNETIC_TILE_LIMIT,
@@ -198,6 +206,9 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--weights-path", default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--precision", choices=tuple(AUTOCAST_DTYPES), default="32-true", help="training and evaluation precision"
+    )
     parser.add_argument("--patchcore-coreset-ratio", type=float, default=CPU_PATCHCORE_CORESET_RATIO)
     parser.add_argument("--limit", type=int, default=None, help="cap on bottle's images per split and class (tests)")
     parser.add_argument("--magnetic-tile-limit", type=int, default=CPU_MAGNETIC_TILE_LIMIT)
@@ -235,6 +246,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         per_budget=args.per_budget,
         gcaflow_args=tuple(sorted((key, json.dumps(value)) for key, value in options.items())),
         gcaflow_defaults=json.dumps(gcaflow_defaults(), sort_keys=True),
+        precision=args.precision,
     )
     data = AccuracySettings(
         protocol=base,

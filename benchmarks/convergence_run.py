@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
@@ -39,6 +40,11 @@ TRAINED = ("cflow", "fastflow")
 ONE_PASS = ("patchcore", "padim")
 # GCAFlow options that change the input pipeline or the shared backbone, not only the model.
 PIPELINE_OPTIONS = ("image_size", "backbone")
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "32-true": None,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class Study:
         gcaflow_args: GCAFlow options given on the command line, ``(key, JSON value)`` sorted by key.
         gcaflow_defaults: GCAFlow's own defaults at run time (JSON), so that a changed default is a new protocol.
         pro_fpr_limit: False-positive-rate limit of PRO.
+        precision: Lightning precision of training and of the evaluations (``"32-true"``, ``"bf16-mixed"`` or
+            ``"16-mixed"``).
     """
 
     base: Protocol
@@ -61,6 +69,7 @@ class Study:
     gcaflow_args: tuple[tuple[str, str], ...]
     gcaflow_defaults: str
     pro_fpr_limit: float = PRO_FPR_LIMIT
+    precision: str = "32-true"
 
     def digest(self) -> str:
         """Short hash of the protocol, part of every record's file name.
@@ -68,7 +77,18 @@ class Study:
         Returns:
             str: 12 hexadecimal characters.
         """
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if fields["precision"] == "32-true":
+            del fields["precision"]  # full precision hashes as before the field existed: its records stay valid
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of :attr:`precision` (``None`` for full precision).
+
+        Returns:
+            torch.dtype | None: The dtype.
+        """
+        return AUTOCAST_DTYPES[self.precision]
 
     def options(self) -> dict[str, Any]:
         """The command line's GCAFlow options.
@@ -192,7 +212,9 @@ def train_and_evaluate(
     one_pass = name in ONE_PASS
     epochs = model.trainer_arguments.get("max_epochs", budget) if one_pass else budget
     clock, timer = TrainingClock(device), EpochTimer(device)
-    evaluation = EpochEvaluation([] if one_pass else eval_epochs, datamodule.test_dataloader, clock)
+    evaluation = EpochEvaluation(
+        [] if one_pass else eval_epochs, datamodule.test_dataloader, clock, settings.study.autocast_dtype()
+    )
     with tempfile.TemporaryDirectory(dir=mkdir(settings.data.work_dir / "engine")) as scratch:
         engine = Engine(
             default_root_dir=scratch,
@@ -200,6 +222,7 @@ def train_and_evaluate(
             accelerator=device,
             devices=1,
             max_epochs=epochs,
+            precision=settings.study.precision,
             # anomalib's thresholds and normalisation are fitted once, for its own test after the last epoch.
             check_val_every_n_epoch=epochs,
             enable_progress_bar=False,
@@ -212,7 +235,7 @@ def train_and_evaluate(
             train_s, train_cpu_s = clock.elapsed()
             evaluation.points.append(
                 {"epoch": epochs, "train_s": train_s, "train_cpu_s": train_cpu_s}
-                | measure(model, datamodule.test_dataloader())
+                | measure(model, datamodule.test_dataloader(), settings.study.autocast_dtype())
             )
         start = time.perf_counter()
         tested = engine.test(model, datamodule=datamodule, verbose=False)[0]

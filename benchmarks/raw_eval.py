@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, Trainer
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
+from benchmarks.rates import autocast_context
 from benchmarks.timing import TrainingClock, cpu_seconds
 
 PRO_FPR_LIMIT = 0.3
@@ -93,7 +94,9 @@ def pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -
     return float(np.trapezoid(y, x) / x[-1])
 
 
-def raw_outputs(module: AnomalibModule, dataloader: DataLoader) -> dict[str, np.ndarray]:
+def raw_outputs(
+    module: AnomalibModule, dataloader: DataLoader, autocast_dtype: torch.dtype | None = None
+) -> dict[str, np.ndarray]:
     """Run the torch model in eval mode over a test loader; restore every module's mode and every RNG afterwards.
 
     The input goes through the module's pre-processor transform as anomalib's test loop applies it (image and
@@ -104,6 +107,8 @@ def raw_outputs(module: AnomalibModule, dataloader: DataLoader) -> dict[str, np.
     Args:
         module: The anomalib model.
         dataloader: Test data loader.
+        autocast_dtype: Run the model under autocast to this dtype (as a mixed-precision trainer tests it);
+            ``None``: full precision.
 
     Returns:
         dict[str, np.ndarray]: ``scores`` (N,), ``labels`` (N,), ``maps`` and ``masks`` (N, H, W), float64 scores.
@@ -114,7 +119,7 @@ def raw_outputs(module: AnomalibModule, dataloader: DataLoader) -> dict[str, np.
     scores, labels, maps, masks = [], [], [], []
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(device, autocast_dtype):
             for batch in dataloader:
                 image, mask = batch.image, batch.gt_mask
                 if module.pre_processor and module.pre_processor.transform:
@@ -154,35 +159,80 @@ def raw_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
-def measure(module: AnomalibModule, dataloader: DataLoader) -> dict[str, Any]:
+def measure(
+    module: AnomalibModule, dataloader: DataLoader, autocast_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
     """Evaluate raw outputs and time the evaluation.
 
     Args:
         module: The anomalib model.
         dataloader: Test data loader.
+        autocast_dtype: See :func:`raw_outputs`.
 
     Returns:
         dict[str, Any]: ``metrics`` (see :func:`raw_metrics`), ``eval_s`` and ``eval_cpu_s``.
     """
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    metrics = raw_metrics(raw_outputs(module, dataloader))
+    metrics = raw_metrics(raw_outputs(module, dataloader, autocast_dtype))
     return {"metrics": metrics, "eval_s": time.perf_counter() - start, "eval_cpu_s": cpu_seconds() - cpu_start}
 
 
 class EpochEvaluation(Callback):
     """Evaluate raw outputs on the test set at the end of the listed training epochs, off the training clock.
 
+    Each point also carries the epoch's mean training loss (the ``loss`` every training step returned).
+
     Args:
         epochs: 1-based epochs after which to evaluate.
         dataloader: Factory of the test data loader.
         clock: The fit's training clock; paused while evaluating.
+        autocast_dtype: See :func:`raw_outputs`.
     """
 
-    def __init__(self, epochs: Sequence[int], dataloader: Callable[[], DataLoader], clock: TrainingClock) -> None:
+    def __init__(
+        self,
+        epochs: Sequence[int],
+        dataloader: Callable[[], DataLoader],
+        clock: TrainingClock,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
         self.epochs = frozenset(epochs)
         self.dataloader = dataloader
         self.clock = clock
+        self.autocast_dtype = autocast_dtype
         self.points: list[dict[str, Any]] = []
+        self._losses: list[float] = []
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
+        """Start collecting the epoch's training losses.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The model.
+        """
+        del trainer, pl_module
+        self._losses = []
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: AnomalibModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
+        """Keep the step's loss.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The model.
+            outputs: What the training step returned.
+            batch: The batch.
+            batch_idx: Its index.
+        """
+        del trainer, pl_module, batch, batch_idx
+        if isinstance(outputs, dict) and "loss" in outputs:
+            self._losses.append(float(outputs["loss"]))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
         """Evaluate after a listed epoch.
@@ -197,7 +247,9 @@ class EpochEvaluation(Callback):
         with self.clock.paused():
             train_s, train_cpu_s = self.clock.elapsed()
             point = {"epoch": epoch, "train_s": train_s, "train_cpu_s": train_cpu_s}
-            self.points.append(point | measure(pl_module, self.dataloader()))
+            if self._losses:
+                point["train_loss"] = float(np.mean(self._losses))
+            self.points.append(point | measure(pl_module, self.dataloader(), self.autocast_dtype))
 
 
 def _random_states() -> dict[str, Any]:

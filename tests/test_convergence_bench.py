@@ -1,6 +1,9 @@
 """The convergence study (python -m benchmarks.convergence) on a tiny budget, and its float64 metrics."""
 
+import hashlib
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +48,18 @@ def _settings(mvtec_root: Path, tmp_path: Path, *extra: str) -> Settings:
     ])  # fmt: skip
 
 
+def test_precision_is_part_of_the_protocol_without_changing_full_precision_digests(
+    mvtec_root: Path, tmp_path: Path
+) -> None:
+    """bf16 runs are another protocol; full-precision records keep the digest they had before the option existed."""
+    full = _settings(mvtec_root, tmp_path, "--eval-epochs", "1").study
+    mixed = _settings(mvtec_root, tmp_path, "--eval-epochs", "1", "--precision", "bf16-mixed").study
+    assert full.precision == "32-true" and full.autocast_dtype() is None
+    assert mixed.autocast_dtype() is torch.bfloat16 and mixed.digest() != full.digest()
+    fields = {key: value for key, value in asdict(full).items() if key != "precision"}
+    assert full.digest() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
 @pytest.mark.slow
 def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tmp_path: Path) -> None:
     """GCAFlow (evaluated after epochs 1 and 2) and PatchCore: records, summary, resume, and no effect of evaluating."""
@@ -66,6 +81,7 @@ def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tm
             for metric in ("image_AUROC", "pixel_AUROC", "PRO"):
                 assert 0.0 <= point["metrics"][metric] <= 1.0, (path.name, metric)
             assert point["train_cpu_s"] > 0 and point["eval_s"] > 0
+            assert math.isfinite(point["train_loss"]) if trained else "train_loss" not in point
         if trained:
             first, last = record["points"]
             assert last["train_s"] > first["train_s"] and last["train_cpu_s"] > first["train_cpu_s"]
