@@ -14,7 +14,16 @@ def _number(value: Any, digits: int = 2) -> str:  # noqa: ANN401 - any JSON valu
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Render a Markdown table (floats with 2 decimals), followed by a blank line.
+
+    Args:
+        header (Sequence[str]): Column titles.
+        rows (Sequence[Sequence[Any]]): Cells, one sequence per row.
+
+    Returns:
+        list[str]: The lines.
+    """
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_number(cell) for cell in row) + " |" for row in rows]
     return [*lines, ""]
@@ -43,12 +52,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     ]
     if results["targets"]:
         lines += ["## Targets", ""]
-        lines += _table(["target", "value", "limit", "met"], [list(target.values()) for target in results["targets"]])
+        lines += table(["target", "value", "limit", "met"], [list(target.values()) for target in results["targets"]])
     peak = results["machine_peak"]
     lines += ["## Machine peak", "", f"{peak['description']}.", ""]
-    lines += _table(
+    lines += table(
         ["fp32 matmul GFLOP/s", "fp32 5x5 conv GFLOP/s", "peak GFLOP/s", "bf16 matmul GFLOP/s (reference)"],
-        [[peak["matmul_fp32_gflops"], peak["conv5x5_fp32_gflops"], peak["gflops"], peak["matmul_bf16_gflops"]]],
+        [[peak["matmul_fp32_gflops"], peak["conv5x5_fp32_gflops"], peak["gflops"], peak.get("matmul_bf16_gflops")]],
     )
     renderers = {
         "flow": _flow_lines,
@@ -77,10 +86,10 @@ def _flow_lines(flow: dict[str, Any]) -> list[str]:
     keys = ["mode", "dtype", "fold_positional", "channels_last", "compiled", "image_size", "batch_size"]
     measured = ("gflop_per_batch", "ms_median", "gflops")
     rows = [[row[key] for key in (*keys, *measured)] for row in flow["rows"]]
-    lines += _table([*header, "GFLOP/s"], rows)
+    lines += table([*header, "GFLOP/s"], rows)
     deviation = flow["bf16_deviation"]
     lines += ["bf16 autocast against fp32 (same features, untrained flow, so a numerical check):", ""]
-    lines += _table(list(deviation), [list(deviation.values())])
+    lines += table(list(deviation), [list(deviation.values())])
     return lines
 
 
@@ -100,11 +109,11 @@ def _latency_lines(latency: dict[str, Any]) -> list[str]:
         for row in latency["rows"]
     ]
     header = ["model", "size", "GFLOP/image", "flow GFLOP/image", "batch-1 ms", f"{batched} ms", f"{batched} images/s"]
-    lines += _table(header, rows)
+    lines += table(header, rows)
     keys = ["latency_ratio_batch_1", "flop_ratio", "flow_flop_ratio", "overhead_beyond_flop_ratio"]
     lines += ["GCAFlow / MSFlow-equivalent:", ""]
     ratios = [[row["image_size"][0], *(row[key] for key in keys)] for row in latency["gcaflow_vs_msflow"]]
-    lines += _table(["size", *keys], ratios)
+    lines += table(["size", *keys], ratios)
     return lines
 
 
@@ -123,12 +132,12 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
         for name, row in training.items()
     ]
     header = ["config", "model", "arguments", "images", "first epoch s", "later epochs s", "every epoch s"]
-    lines += _table(header, rows)
+    lines += table(header, rows)
     return lines
 
 
 def _memory_lines(memory: list[dict[str, Any]]) -> list[str]:
     lines = ["## Peak training memory (one epoch, fresh process per configuration)", ""]
     keys = ["config", "image_size", "batch_size", "peak_mb", "rss_before_fit_mb", "rss_peak_mb", "cuda_peak_mb"]
-    lines += _table(keys, [[row[key] for key in keys] for row in memory])
+    lines += table(keys, [[row[key] for key in keys] for row in memory])
     return lines

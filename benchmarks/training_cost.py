@@ -214,7 +214,7 @@ def peak_training_memory_mb(
     return training_memory(model, model_kwargs, image_size, batch_size, data_root, max_batches, device)["peak_mb"]
 
 
-def _rss_high_water_mb() -> float:
+def rss_high_water_mb() -> float:
     """Return this process's resident-set high-water mark in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
@@ -225,9 +225,9 @@ def memory_child(request: dict[str, Any]) -> None:
     device = request["device"]
     module = build_module(request["model"], request["model_kwargs"], request["image_size"], request["quick"])
     datamodule = _bottle(Path(request["data_root"]), request["batch_size"], num_workers=0)
-    before_fit = _rss_high_water_mb()
+    before_fit = rss_high_water_mb()
     _trainer(1, device, request["max_batches"], [], "32-true").fit(module, datamodule=datamodule)
-    rss_peak = _rss_high_water_mb()
+    rss_peak = rss_high_water_mb()
     cuda_peak = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else None
     result = {
         "model": request["model"],

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
 from anomalib_gcaflow import FlowConfig, GCAFlow, MultiScaleFlow
+from anomalib_gcaflow.model.lightning_model import INDUCTOR_CACHE_DIR
 from anomalib_gcaflow.model.loss import GCAFlowLoss
 from benchmarks import speed
 from benchmarks.speed_sections import TRAINING_CONFIGS
@@ -123,9 +124,15 @@ def test_validation_test_and_predict_run_under_inference_mode(tmp_path: Path) ->
     assert all(recorder.inference_mode)
 
 
-def test_compile_flow_compiles_only_inside_trainer_runs() -> None:
+def test_compile_flow_compiles_only_inside_trainer_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Compiled in setup with inductor's cache in a lasting folder (the user's own choice kept), eager after."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = _tiny_model(compile_flow=True)
     model.setup("fit")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    model.setup("fit")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(INDUCTOR_CACHE_DIR)
     assert model.model.flow._compiled_call_impl is not None
     model.teardown("fit")
     assert model.model.flow._compiled_call_impl is None
@@ -146,7 +153,7 @@ def test_compiled_flow_matches_eager() -> None:
     features = [torch.randn(2, c, s, s) for c, s in zip((4, 6, 8), (8, 4, 2), strict=True)]
     with torch.no_grad():
         reference_latents, reference_log_det = flow(features)
-        flow.compile()
+        flow.compile(dynamic=False)
         latents, log_det = flow(features)
     for z, z_ref in zip(latents, reference_latents, strict=True):
         torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)

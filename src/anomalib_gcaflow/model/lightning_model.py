@@ -8,6 +8,7 @@ https://github.com/cool-xuan/msflow (MIT).
 """
 
 import logging
+import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,9 @@ from anomalib_gcaflow.toolkit.feature_cache import (
 PAPER_IMAGE_SIZE = (512, 512)
 
 logger = logging.getLogger(__name__)
+
+# A folder that survives reboots (inductor's own default lives in /tmp).
+INDUCTOR_CACHE_DIR = Path.home() / ".cache" / "anomalib_gcaflow" / "inductor"
 
 
 class GCAFlow(AnomalibModule):
@@ -99,8 +103,10 @@ class GCAFlow(AnomalibModule):
             transforms are random. Defaults to ``True``.
         feature_cache_bytes (int, optional): CPU memory the feature cache may use; further images spill to a
             temporary folder. Defaults to 2 GiB.
-        compile_flow (bool, optional): Run the flow through ``torch.compile`` inside trainer runs (the first
-            batches pay the compilation). Defaults to ``False``.
+        compile_flow (bool, optional): Run the flow through ``torch.compile`` inside trainer runs, with static
+            shapes. The first run on a machine pays the compilation (minutes on a CPU); inductor keeps what it
+            compiled in ``TORCHINDUCTOR_CACHE_DIR``, which defaults here to ``~/.cache/anomalib_gcaflow/inductor``
+            so that later runs, after a reboot too, load it in seconds. Defaults to ``False``.
         pre_processor (PreProcessor | bool, optional): Pre-processor, or ``True`` for resize + the backbone's own
             normalisation. Defaults to ``True``.
         post_processor (PostProcessor | bool, optional): Post-processor, or ``True`` for anomalib's with a
@@ -375,7 +381,11 @@ class GCAFlow(AnomalibModule):
         """
         del stage
         if self.hparams.compile_flow:
-            self.model.flow.compile()
+            cache = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
+            logger.info("GCAFlow: compiling the flow; inductor's cache is %s", cache)
+            # Static shapes: with automatic dynamic shapes inductor fails on the flow's per-scale feature sizes
+            # (an undecidable symbolic stride comparison), and the few shapes of a run each compile once.
+            self.model.flow.compile(dynamic=False)
 
     def teardown(self, stage: str) -> None:
         """Undo :meth:`setup`'s compilation, so exports and plain calls trace the eager flow.
