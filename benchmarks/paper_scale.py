@@ -41,10 +41,9 @@ import torch
 from lightning.pytorch import seed_everything
 
 from anomalib_gcaflow import GCAFlowModel
-from anomalib_gcaflow.model.loss import GCAFlowLoss
 from anomalib_gcaflow.model.precision import cpu_accelerates_bf16
 from benchmarks.environment import REPO_ROOT, environment, load_average, load_record
-from benchmarks.rates import autocast_context, flow_forward_rate, machine_peak_gflops
+from benchmarks.rates import flow_forward_rate, machine_peak_gflops, training_step
 from benchmarks.speed_report import table
 from benchmarks.timing import measure_seconds
 from benchmarks.training_cost import rss_high_water_mb
@@ -126,7 +125,16 @@ def model_rows(name: str, settings: argparse.Namespace, peaks: dict[str, float])
         dtype = DTYPES[precision]
         layouts = (False, True) if name == "gcaflow" else (False,)
         timed = [
-            flow_forward_rate(model, size, batch, settings.train_repeats, dtype, channels_last=layout, train=True)
+            flow_forward_rate(
+                model,
+                size,
+                batch,
+                settings.train_repeats,
+                dtype,
+                channels_last=layout,
+                train=True,
+                ceiling_peak=peaks[precision] if settings.ceiling and not layout else None,
+            )
             | {"rss_high_water_mb": rss_high_water_mb()}
             for layout in layouts
         ]
@@ -155,7 +163,8 @@ def model_rows(name: str, settings: argparse.Namespace, peaks: dict[str, float])
 def compile_child(request: dict[str, Any]) -> None:
     """Body of one ``torch.compile`` process: time the first compiled training step and the steady one.
 
-    Prints one JSON line: ``first_step_s`` (compilation included), ``steady_step_s`` and ``cache_dir``.
+    Prints one JSON line: ``first_step_s`` (compilation included), ``steady_step_s``, ``eager_step_s`` (the same
+    step without compilation, timed first) and ``cache_dir``.
     """
     torch.set_num_threads(request["threads"])
     model = build_model("gcaflow", request["device"], request["quick"])
@@ -164,17 +173,16 @@ def compile_child(request: dict[str, Any]) -> None:
         features = model.extract_features(torch.randn(request["batch_size"], 3, *size, device=request["device"]))
     flow = torch.compile(model.flow, dynamic=False)
     model.flow.train()
-    loss = GCAFlowLoss()
-
-    def step() -> None:
-        with autocast_context(request["device"], None):
-            value = loss(*flow(features))
-        value.backward()
-        model.flow.zero_grad(set_to_none=True)
-
+    eager = min(measure_seconds(training_step(model.flow, features), 2, 1, request["device"]))
+    step = training_step(model.flow, features, call=flow)
     first = measure_seconds(step, 1, 0, request["device"])[0]
     steady = min(measure_seconds(step, 2, 0, request["device"]))
-    result = {"first_step_s": first, "steady_step_s": steady, "cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
+    result = {
+        "first_step_s": first,
+        "steady_step_s": steady,
+        "eager_step_s": eager,
+        "cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"],
+    }
     print(json.dumps(result))
 
 
@@ -255,6 +263,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         ["model", "mode", "precision", "channels-last", "batch", "GFLOP", "ms", "GFLOP/s", "of peak", "RSS peak MB"],
         rows,
     )
+    lines += _ceiling_lines(results)
     lines += [f"## Epoch of a {CATEGORY_IMAGES}-image category (features cached, Adam included)", ""]
     epoch_rows = [
         [name, measured["flow_parameters_m"], measured["adam_step_ms"], config, seconds]
@@ -277,6 +286,32 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines += ["## Targets", ""]
     lines += table(["target", "value", "limit", "met"], [list(target.values()) for target in results["targets"]])
     path.write_text("\n".join(lines))
+
+
+def _ceiling_lines(results: dict[str, Any]) -> list[str]:
+    """The convolutions of each measured training step timed alone, and what the rest of the step costs."""
+    lines = []
+    for name, measured in results["models"].items():
+        for row in measured["rows"]:
+            ceiling = row.get("conv_ceiling")
+            if ceiling is None:
+                continue
+            lines += [
+                f"## {name} training step, {row['precision']}: its convolutions alone",
+                "",
+                f"Step {row['ms_median']:.0f} ms; its {sum(c['calls_per_step'] for c in ceiling['convolutions'])} "
+                f"convolution calls alone {ceiling['conv_ms_per_step']:.0f} ms "
+                f"({ceiling['conv_gflops']:.1f} GFLOP/s, "
+                f"{100 * ceiling['conv_gflops'] / results['machine_peak']['peak_by_precision'][row['precision']]:.0f} "
+                f"% of peak); everything else {row['non_conv_ms']:.0f} ms. The 10 costliest:",
+                "",
+            ]
+            keys = ["kind", "input_shape", "weight_shape", "layout", "calls_per_step", "gflop", "ms", "gflops"]
+            cells = [
+                [*(c[key] for key in keys), f"{100 * c['fraction_of_peak']:.0f} %"] for c in ceiling["convolutions"]
+            ]
+            lines += table([*keys, "of peak"], cells)
+    return lines
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -318,6 +353,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed inference calls (median reported)")
     parser.add_argument("--train-repeats", type=int, default=2, help="timed training steps (median reported)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile, first and cached")
+    parser.add_argument(
+        "--no-ceiling", dest="ceiling", action="store_false", help="skip timing the training steps' convolutions alone"
+    )
     parser.add_argument("--compile-batch-size", type=int, default=1)
     parser.add_argument("--compile-child", help=argparse.SUPPRESS)
     settings = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from anomalib_gcaflow import GCAFlowModel
 from anomalib_gcaflow.model.flow import PositionalConv2d
 from anomalib_gcaflow.model.loss import GCAFlowLoss
 from anomalib_gcaflow.model.precision import cpu_accelerates_bf16
+from benchmarks.conv_ceiling import convolution_ceiling
 from benchmarks.flops import device_of
 from benchmarks.timing import measure_seconds
 
@@ -152,6 +153,7 @@ def flow_forward_rate(
     channels_last: bool = False,
     compiled: bool = False,
     train: bool = False,
+    ceiling_peak: float | None = None,
 ) -> dict[str, Any]:
     """Achieved GFLOP/s of GCAFlow's whole flow (parallel stacks and fusion) on precomputed features.
 
@@ -166,6 +168,9 @@ def flow_forward_rate(
             Defaults to ``False``.
         train (bool, optional): Time a training forward + NLL + backward instead of an inference forward.
             Defaults to ``False``.
+        ceiling_peak (float | None, optional): Also time the step's convolutions alone
+            (:func:`benchmarks.conv_ceiling.convolution_ceiling`) against this peak and report what the rest of the
+            step costs (``conv_ceiling``, ``non_conv_ms``). Defaults to ``None`` (not measured).
 
     Returns:
         dict[str, Any]: Settings, ``gflop_per_batch``, ``ms_median``, ``ms_min``, ``gflops`` (at the median) and
@@ -176,19 +181,13 @@ def flow_forward_rate(
         features = model.extract_features(torch.randn(batch_size, 3, *image_size, device=device))
     if channels_last:
         features = [feature.contiguous(memory_format=torch.channels_last) for feature in features]
-    flow = torch.compile(model.flow) if compiled else model.flow
-    loss = GCAFlowLoss()
+    # Static shapes: automatic dynamic shapes make inductor fail on the flow (see GCAFlow's compile_flow).
+    flow = torch.compile(model.flow, dynamic=False) if compiled else model.flow
+    training = training_step(model.flow, features, autocast_dtype, flow)
 
     def inference(grad_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode) -> None:
         with grad_mode(), autocast_context(device, autocast_dtype):
             flow(features)
-
-    def training() -> None:
-        with autocast_context(device, autocast_dtype):
-            latents, log_det = flow(features)
-            value = loss(latents, log_det)
-        value.backward()
-        model.flow.zero_grad(set_to_none=True)
 
     step = training if train else inference
     model.flow.train(train)
@@ -199,11 +198,15 @@ def flow_forward_rate(
             training() if train else inference(torch.no_grad)
         # Two untimed calls are behind us (allocator and caches are warm): at the paper's scale each costs a minute.
         seconds = measure_seconds(step, repeats, 0, device)
+        ceiling = None if ceiling_peak is None else convolution_ceiling(step, str(device), ceiling_peak)
     finally:
         model.flow.eval()
     flop = counter.get_total_flops()
     median = statistics.median(seconds)
-    return {
+    extra = {}
+    if ceiling is not None:
+        extra = {"conv_ceiling": ceiling, "non_conv_ms": 1e3 * median - ceiling["conv_ms_per_step"]}
+    return extra | {
         "mode": "train fwd+bwd" if train else "inference fwd",
         "dtype": _dtype_name(autocast_dtype),
         "channels_last": channels_last,
@@ -217,6 +220,38 @@ def flow_forward_rate(
         "gflops": flop / median / 1e9,
         "gflops_best": flop / min(seconds) / 1e9,
     }
+
+
+def training_step(
+    flow: nn.Module,
+    features: Sequence[torch.Tensor],
+    autocast_dtype: torch.dtype | None = None,
+    call: Callable[..., Any] | None = None,
+) -> Callable[[], None]:
+    """One training step of a flow on fixed features: forward and NLL (under autocast) and backward.
+
+    Args:
+        flow (nn.Module): The flow, whose gradients are cleared after each step.
+        features (Sequence[torch.Tensor]): Its inputs.
+        autocast_dtype (torch.dtype | None, optional): Autocast dtype, ``None`` for full precision.
+            Defaults to ``None``.
+        call (Callable[..., Any] | None, optional): What to call instead of ``flow`` (its compiled form).
+            Defaults to ``None``.
+
+    Returns:
+        Callable[[], None]: The step.
+    """
+    device = features[0].device
+    loss = GCAFlowLoss()
+    call = flow if call is None else call
+
+    def step() -> None:
+        with autocast_context(device, autocast_dtype):
+            value = loss(*call(features))
+        value.backward()
+        flow.zero_grad(set_to_none=True)
+
+    return step
 
 
 def autocast_deviation(

@@ -124,6 +124,7 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
             name,
             row["model"],
             json.dumps(row["model_kwargs"]),
+            row.get("precision", "32-true"),
             row["train_images"],
             row["first_epoch_s"],
             row["later_epoch_s"],
@@ -131,7 +132,7 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
         ]
         for name, row in training.items()
     ]
-    header = ["config", "model", "arguments", "images", "first epoch s", "later epochs s", "every epoch s"]
+    header = ["config", "model", "arguments", "precision", "images", "first epoch s", "later epochs s", "every epoch s"]
     lines += table(header, rows)
     return lines
 

@@ -45,3 +45,11 @@ def test_quick_paper_scale_run_is_consistent(tmp_path: Path) -> None:
             assert math.isclose(measured["epoch_seconds"][precision], expected)
     gcaflow_train_rows = [r for r in results["models"]["gcaflow"]["rows"] if r["mode"].startswith("train")]
     assert len(results["targets"]) == len(gcaflow_train_rows) == 2 * len(peaks)
+    for row in gcaflow_train_rows:
+        # The NCHW step's convolutions, replayed alone, hold almost all its counted FLOPs (the rest: GCA's bmm).
+        ceiling = row.get("conv_ceiling")
+        assert (ceiling is None) == row["channels_last"]
+        if ceiling is not None:
+            assert 0.9 < ceiling["conv_gflop_per_step"] / row["gflop_per_batch"] <= 1 + 1e-6
+            assert {c["kind"] for c in ceiling["convolutions"]} == {"forward", "backward"}
+            assert math.isclose(row["non_conv_ms"], row["ms_median"] - ceiling["conv_ms_per_step"])
