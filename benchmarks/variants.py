@@ -73,6 +73,7 @@ _VARIANTS = (
         "gcaflow_noise",
         "GCAFlow, feature noise 0.1",
         {"feature_noise": 0.1},
+        ("feature_noise.yaml",),
         in_accuracy_grid=False,
     ),
     Variant(

@@ -100,6 +100,8 @@ def _built_value(model: nn.Module, key: str) -> Any:
         return {name for name, present in (("msflow", has_msflow), ("hierarchical", has_hierarchical)) if present}
     if key == "data_init":
         return {model.model.flow.input_norms is not None}
+    if key == "feature_noise":
+        return {model.model.feature_noise}
     msg = f"no module probe for the ablation key {key!r}: add one to _built_value"
     raise AssertionError(msg)
 
