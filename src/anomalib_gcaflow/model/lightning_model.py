@@ -48,6 +48,7 @@ PAPER_IMAGE_SIZE = (512, 512)
 
 logger = logging.getLogger(__name__)
 
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 # A folder that survives reboots (inductor's own default lives in /tmp).
 INDUCTOR_CACHE_DIR = Path.home() / ".cache" / "anomalib_gcaflow" / "inductor"
 
@@ -275,7 +276,12 @@ class GCAFlow(AnomalibModule):
         Returns:
             tuple[list[torch.optim.Optimizer], list[LambdaLR]]: The optimiser and its scheduler.
         """
-        optimizer = torch.optim.Adam(self.model.flow.parameters(), lr=self.hparams.lr)
+        parameters = list(self.model.flow.parameters())
+        # One fused kernel for all parameters instead of a Python loop over ~200 tensors: on a CPU the loop costs
+        # about as much as a quick-start step's convolutions on the smallest maps. Devices without a fused Adam
+        # keep torch's default.
+        fused = all(parameter.device.type in FUSED_ADAM_DEVICES for parameter in parameters) or None
+        optimizer = torch.optim.Adam(parameters, lr=self.hparams.lr, fused=fused)
         milestones = self.hparams.milestones
         warmup_epochs, milestones = budget_schedule(
             self.epoch_budget,
