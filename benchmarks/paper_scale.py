@@ -305,14 +305,16 @@ def _ceiling_lines(results: dict[str, Any]) -> list[str]:
                 f"convolution calls alone {ceiling['conv_ms_per_step']:.0f} ms "
                 f"({ceiling['conv_gflops']:.1f} GFLOP/s, "
                 f"{100 * ceiling['conv_gflops'] / results['machine_peak']['peak_by_precision'][row['precision']]:.0f} "
-                f"% of peak); everything else {row['non_conv_ms']:.0f} ms. The 10 costliest:",
+                f"% of peak); everything else {row['non_conv_ms']:.0f} ms (a 'strided' input is replayed "
+                "contiguous, so the copy it costs in the step counts as everything else). The 10 costliest:",
                 "",
             ]
             keys = ["kind", "input_shape", "weight_shape", "layout", "calls_per_step", "gflop", "ms", "gflops"]
             cells = [
-                [*(c[key] for key in keys), f"{100 * c['fraction_of_peak']:.0f} %"] for c in ceiling["convolutions"]
+                [*(c[key] for key in keys), c["calls_per_step"] * c["ms"], f"{100 * c['fraction_of_peak']:.0f} %"]
+                for c in ceiling["convolutions"][:10]
             ]
-            lines += table([*keys, "of peak"], cells)
+            lines += table([*keys[:-2], "ms per call", "GFLOP/s", "ms per step", "of peak"], cells)
     return lines
 
 

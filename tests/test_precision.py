@@ -119,6 +119,28 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(
     assert len(slow) == warnings_expected
 
 
+@pytest.mark.parametrize(("trainer_precision", "fused"), [("32-true", True), ("bf16-mixed", None)])
+def test_adam_is_fused_except_where_lightning_clips_mixed_precision_gradients(
+    trainer_precision: str, fused: bool | None
+) -> None:
+    """Fused Adam in full precision, torch's default under Lightning's mixed-precision plugin.
+
+    That plugin cannot clip a fused optimizer's gradients; a bf16 step with GCAFlow's clipping must run.
+    """
+    model = GCAFlow(backbone=LITE0, pre_trained=False, image_size=[64, 64], depths=[1, 1, 1], pos_embed_dim=8)
+    trainer = Trainer(accelerator="cpu", devices=1, precision=trainer_precision, logger=False)
+    model.trainer = trainer
+    [optimizer], _ = model.configure_optimizers()
+    assert optimizer.param_groups[0]["fused"] is fused
+    features = [torch.randn(2, c, 4, 4) for c in model.model.feature_extractor.channels]
+    with trainer.precision_plugin.forward_context():
+        loss = model.loss(*model.model.flow(features))
+    loss.backward()
+    model.configure_gradient_clipping(optimizer)
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.model.flow.parameters())
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     """x86 and Arm flag lines are recognised; an unreadable file means unknown, not absent."""
     cpuinfo = tmp_path / "cpuinfo"

@@ -23,6 +23,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.optim.lr_scheduler import LambdaLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -279,9 +280,11 @@ class GCAFlow(AnomalibModule):
         parameters = list(self.model.flow.parameters())
         # One fused kernel for all parameters instead of a Python loop over ~200 tensors: on a CPU the loop costs
         # about as much as a quick-start step's convolutions on the smallest maps. Devices without a fused Adam
-        # keep torch's default.
-        fused = all(parameter.device.type in FUSED_ADAM_DEVICES for parameter in parameters) or None
-        optimizer = torch.optim.Adam(parameters, lr=self.hparams.lr, fused=fused)
+        # keep torch's default, and so do mixed-precision runs: Lightning refuses to clip the gradients of an
+        # optimizer that unscales them itself, as fused Adam does.
+        mixed_precision = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        fused = not mixed_precision and all(parameter.device.type in FUSED_ADAM_DEVICES for parameter in parameters)
+        optimizer = torch.optim.Adam(parameters, lr=self.hparams.lr, fused=fused or None)
         milestones = self.hparams.milestones
         warmup_epochs, milestones = budget_schedule(
             self.epoch_budget,
