@@ -282,7 +282,7 @@ class GCAFlow(AnomalibModule):
         # about as much as a quick-start step's convolutions on the smallest maps. Devices without a fused Adam
         # keep torch's default, and so do mixed-precision runs: Lightning refuses to clip the gradients of an
         # optimizer that unscales them itself, as fused Adam does.
-        mixed_precision = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        mixed_precision = isinstance(getattr(self._trainer, "precision_plugin", None), MixedPrecision)
         fused = not mixed_precision and all(parameter.device.type in FUSED_ADAM_DEVICES for parameter in parameters)
         optimizer = torch.optim.Adam(parameters, lr=self.hparams.lr, fused=fused or None)
         milestones = self.hparams.milestones
