@@ -18,11 +18,13 @@ class BuildPy(build_py):
     """``build_py`` that also copies the ``.pth`` file to the root of regular wheels and into sdists."""
 
     def run(self) -> None:
+        """Build as usual, then put the start-up hook's ``.pth`` at the wheel's root (not for editable installs)."""
         super().run()
         if not self.editable_mode:
             self.copy_file(PTH, str(Path(self.build_lib, Path(PTH).name)), preserve_mode=False)
 
     def get_source_files(self) -> list[str]:
+        """List the sources, the ``.pth`` included, so that sdists carry it."""
         return [*super().get_source_files(), PTH]
 
 
