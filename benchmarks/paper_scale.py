@@ -43,9 +43,15 @@ from lightning.pytorch import seed_everything
 
 from anomalib_gcaflow import GCAFlowModel
 from anomalib_gcaflow.model.lightning_model import FUSED_ADAM_DEVICES
-from anomalib_gcaflow.model.precision import cpu_accelerates_bf16
 from benchmarks.environment import REPO_ROOT, environment, load_average, load_record
-from benchmarks.rates import flow_forward_rate, machine_peak_gflops, training_step
+from benchmarks.rates import (
+    PRECISION_DTYPES,
+    flow_forward_rate,
+    machine_peak_gflops,
+    native_precisions,
+    training_step,
+)
+from benchmarks.records import write_json
 from benchmarks.speed_report import table
 from benchmarks.timing import measure_seconds
 from benchmarks.training_cost import rss_high_water_mb
@@ -56,21 +62,6 @@ BACKBONE = "wide_resnet50_2"
 MODELS = ("gcaflow", "msflow_equiv")
 CATEGORY_IMAGES = 209  # MVTec AD bottle's training set, the paper's example category
 TARGET_FRACTION_OF_PEAK = 0.5
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precisions(device: str) -> list[str]:
-    """Precisions worth timing here: fp32, and the lower ones this device computes natively.
-
-    Args:
-        device (str): ``"cpu"`` or ``"cuda"``.
-
-    Returns:
-        list[str]: Keys of :data:`DTYPES`.
-    """
-    if device == "cuda":
-        return ["fp32", "bf16", "fp16"]
-    return ["fp32", "bf16"] if cpu_accelerates_bf16() else ["fp32"]
 
 
 def build_model(name: str, device: str, quick: bool) -> GCAFlowModel:
@@ -124,8 +115,8 @@ def model_rows(name: str, settings: argparse.Namespace, peaks: dict[str, float])
     model = build_model(name, settings.device, settings.quick)
     size, batch = settings.image_size, settings.batch_size
     rows = []
-    for precision in precisions(settings.device):
-        dtype = DTYPES[precision]
+    for precision in native_precisions(settings.device):
+        dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
         layouts = (False, True) if name == "gcaflow" else (False,)
         timed = [
             flow_forward_rate(
@@ -409,7 +400,7 @@ def run(settings: argparse.Namespace) -> dict[str, Any]:
     results["load"] = load_record(start_load, load_average())
     results["targets"] = check_targets(results)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
-    (settings.output_dir / "paper_scale.json").write_text(json.dumps(results, indent=2))
+    write_json(settings.output_dir / "paper_scale.json", results)
     write_markdown(results, settings.output_dir / "paper_scale.md")
     return results
 

@@ -43,12 +43,31 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> c
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_precisions(device: str) -> list[str]:
+    """Precisions worth measuring on a device: fp32 and the lower ones it computes natively.
+
+    bf16 on a GPU or a CPU with bf16 instructions (elsewhere oneDNN emulates it at under 1 GFLOP/s), fp16 on a GPU.
+
+    Args:
+        device (str): ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        list[str]: Keys of :data:`PRECISION_DTYPES`.
+    """
+    if torch.device(device).type == "cuda":
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32", "bf16"] if cpu_accelerates_bf16() else ["fp32"]
+
+
 def machine_peak_gflops(device: str = "cpu", quick: bool = False, repeats: int = 5) -> dict[str, Any]:
     """Measure the machine's peak per precision: the best of torch's matrix multiply and a large dense 5x5 conv.
 
     Low precisions are measured in bf16 (and fp16 on a GPU), the convolution channels-last, the layout oneDNN and
-    cuDNN run fastest in those types. bf16 is skipped on a CPU without bf16 instructions, where oneDNN emulates it
-    at under 1 GFLOP/s (a 2048^3 matmul then takes minutes).
+    cuDNN run fastest in those types; only :func:`native_precisions` are measured (an emulated bf16 2048^3 matmul
+    takes minutes).
 
     Args:
         device (str, optional): ``"cpu"`` or ``"cuda"``. Defaults to ``"cpu"``.
@@ -73,13 +92,9 @@ def machine_peak_gflops(device: str = "cpu", quick: bool = False, repeats: int =
     conv_flop = 2 * batch * channels * channels * 25 * side * side
     rates: dict[str, float] = {}
     peaks: dict[str, float] = {}
-    precisions = {"fp32": torch.float32}
-    if gpu or cpu_accelerates_bf16():
-        precisions["bf16"] = torch.bfloat16
-    if gpu:
-        precisions["fp16"] = torch.float16
     with torch.inference_mode():
-        for name, dtype in precisions.items():
+        for name in native_precisions(device):
+            dtype = PRECISION_DTYPES[name]
             layout = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
             a_, b_ = a.to(dtype), b.to(dtype)
             x_, w_ = x.to(dtype, memory_format=layout), w.to(dtype, memory_format=layout)

@@ -44,6 +44,7 @@ from lightning.pytorch import seed_everything
 
 from benchmarks.environment import REPO_ROOT, environment
 from benchmarks.rates import machine_peak_gflops
+from benchmarks.records import write_json
 from benchmarks.speed_report import write_markdown
 from benchmarks.speed_sections import (
     check_targets,
@@ -135,7 +136,7 @@ def run(settings: argparse.Namespace) -> dict[str, Any]:
         results["section_seconds"][section] = time.perf_counter() - start
     results["targets"] = check_targets(results)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
-    (settings.output_dir / "speed.json").write_text(json.dumps(results, indent=2))
+    write_json(settings.output_dir / "speed.json", results)
     write_markdown(results, settings.output_dir / "speed.md")
     return results
 

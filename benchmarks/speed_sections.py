@@ -9,9 +9,8 @@ import torch
 from lightning.pytorch import seed_everything
 
 from anomalib_gcaflow import GCAFlowModel
-from anomalib_gcaflow.model.precision import cpu_accelerates_bf16
 from benchmarks.flops import flow_gflop_per_image, model_gflop_per_image
-from benchmarks.rates import autocast_deviation, flow_forward_rate, inference_timing
+from benchmarks.rates import autocast_deviation, flow_forward_rate, inference_timing, native_precisions
 from benchmarks.training_cost import BACKBONE, build_module, training_epoch_seconds, training_memory
 from benchmarks.variants import VARIANTS
 
@@ -106,7 +105,7 @@ def training_section(settings: argparse.Namespace) -> dict[str, Any]:
     configs = {name: (*config, "32-true") for name, config in TRAINING_CONFIGS.items()}
     if settings.compile:
         configs["gcaflow_compiled"] = (*COMPILED_CONFIG, "32-true")
-    if settings.device == "cuda" or cpu_accelerates_bf16():
+    if "bf16" in native_precisions(settings.device):
         configs["gcaflow_bf16"] = ("gcaflow", {}, BF16_PRECISION)
     results = {}
     for name, (model, kwargs, precision) in configs.items():

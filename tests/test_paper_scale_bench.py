@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from benchmarks import paper_scale
+from benchmarks.rates import native_precisions
 
 
 def test_quick_paper_scale_run_is_consistent(tmp_path: Path) -> None:
@@ -22,7 +23,7 @@ def test_quick_paper_scale_run_is_consistent(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "paper_scale.json").read_text())["models"].keys() == set(paper_scale.MODELS)
     assert "## Flow" in (tmp_path / "paper_scale.md").read_text()
     peaks = results["machine_peak"]["peak_by_precision"]
-    assert set(peaks) == set(paper_scale.precisions("cpu"))
+    assert set(peaks) == set(native_precisions("cpu"))
     steps = math.ceil(paper_scale.CATEGORY_IMAGES / settings.batch_size)
     for name, measured in results["models"].items():
         rows = measured["rows"]
