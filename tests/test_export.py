@@ -13,6 +13,7 @@ AVX-512, AVX512_BF16 and AMX CPUs (without it OpenVINO computes in bf16 on the l
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -167,6 +168,23 @@ def test_cli_onnx_export_matches_torch_on_real_images(
     assert set(names) == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
     outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
     _assert_matches(outputs, reference, "onnxruntime")
+
+
+def test_onnx_export_of_the_likelihood_scoring_matches_torch(
+    trained: tuple[GCAFlow, Path],
+    images: torch.Tensor,
+    tmp_path: Path,
+) -> None:
+    """The absolute-likelihood maps and scores (``scoring="likelihood"``) export and run like the paper's."""
+    model = copy.deepcopy(trained[0])
+    model.model.anomaly_map_generator.scoring = "likelihood"
+    with torch.no_grad():
+        reference = model(images)
+    path = model.to_onnx(tmp_path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    _assert_matches(outputs, reference, "onnxruntime (likelihood scoring)")
 
 
 # Scores of the pinned IR compiled without an inference-precision hint: identical to fp32 where the CPU has no bf16

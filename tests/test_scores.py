@@ -54,6 +54,49 @@ def test_score_keeps_images_apart_where_msflow_saturates() -> None:
     assert torch.isfinite(ours).all()
 
 
+def _log_likelihood_map(latents: list[torch.Tensor]) -> torch.Tensor:
+    """``L = sum_i Up(-0.5 mean_c z_i^2)``, written out independently, ``(B, 1, H, W)`` fp64."""
+    return sum(
+        F.interpolate(-0.5 * z.square().mean(1, keepdim=True), size=SIZE, mode="bilinear", align_corners=True)
+        for z in latents
+    )
+
+
+def test_likelihood_scoring_is_the_absolute_negative_log_likelihood() -> None:
+    latents = _latents(spread=2.0)
+    anomaly_map, score = AnomalyMapGenerator(scoring="likelihood")(latents, SIZE)
+    log_likelihood = _log_likelihood_map(latents)
+    assert torch.allclose(anomaly_map, -log_likelihood, rtol=1e-12, atol=0)
+    k = int(0.03 * SIZE[0] * SIZE[1])
+    least_likely = log_likelihood.flatten(1).sort(dim=1).values[:, :k]
+    assert torch.allclose(score, -least_likely.exp().mean(1).log(), rtol=1e-9, atol=0)
+    assert (anomaly_map >= 0).all()
+    assert (score >= 0).all()
+
+
+def test_likelihood_scoring_compares_images_without_their_own_maximum() -> None:
+    # The second image is the first with every latent 1.5x larger, so each of its pixels is less likely. MSFlow's
+    # map measures each image from its own most likely pixel (0 there in both); the absolute one ranks every pixel
+    # and the score of the second image above the first's.
+    latents = [torch.cat([z[:1], 1.5 * z[:1]]) for z in _latents(spread=2.0)]
+    msflow_map = AnomalyMapGenerator(scoring="msflow")(latents, SIZE)[0]
+    likelihood_map, likelihood_score = AnomalyMapGenerator(scoring="likelihood")(latents, SIZE)
+    assert msflow_map[0].min() == msflow_map[1].min() == 0
+    assert (likelihood_map[1] > likelihood_map[0]).all()
+    assert likelihood_score[1] > likelihood_score[0]
+
+
+def test_scoring_is_validated_and_reaches_the_generator() -> None:
+    with pytest.raises(ValueError, match=r"scoring must be one of \['msflow', 'likelihood'\], got 'nll'"):
+        AnomalyMapGenerator(scoring="nll")
+    model = GCAFlow(
+        backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1), scoring="likelihood"
+    )
+    assert model.model.anomaly_map_generator.scoring == "likelihood"
+    assert model.hparams.scoring == "likelihood"
+    assert GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, depths=(1, 1, 1)).hparams.scoring == "msflow"
+
+
 def test_post_processor_preserves_rank_and_threshold() -> None:
     post, stock = RankPreservingPostProcessor(), PostProcessor()
     for processor in (post, stock):

@@ -81,6 +81,10 @@ class GCAFlow(AnomalibModule):
         clamp (float, optional): Coupling log-scale bound. Defaults to 1.9.
         activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
         top_k (float, optional): Fraction of pixels averaged into the image score. Defaults to 0.03.
+        scoring (str, optional): ``"msflow"``: the paper's (MSFlow's) per-image normalised anomaly map and image
+            score; ``"likelihood"``: each pixel's negative log-likelihood and its soft minimum over the ``top_k``
+            least likely pixels, comparable across images (better measured on both shared sets; the quick start's).
+            Only evaluation changes, so a checkpoint can be re-scored either way. Defaults to ``"msflow"``.
         feature_noise (float, optional): Gaussian noise added to the flow's training features, as a fraction of
             each channel's standard deviation (a smoothing regulariser); ``0`` adds none. Defaults to ``0.0``.
         lr (float, optional): Adam learning rate. Defaults to 1e-4.
@@ -133,6 +137,7 @@ class GCAFlow(AnomalibModule):
         clamp: float = 1.9,
         activation: str = "gelu",
         top_k: float = 0.03,
+        scoring: str = "msflow",
         feature_noise: float = 0.0,
         lr: float = 1e-4,
         warmup_epochs: int | None = None,
@@ -177,6 +182,7 @@ class GCAFlow(AnomalibModule):
                 data_init=data_init,
             ),
             top_k=top_k,
+            scoring=scoring,
             feature_noise=feature_noise,
         )
         self.loss = GCAFlowLoss()
