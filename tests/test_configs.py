@@ -187,6 +187,7 @@ def test_quickstart_config_is_the_offline_cpu_recipe(parse: Any) -> None:
     assert list(init_args.image_size) == [256, 256]
     assert (init_args.lr, init_args.warmup_epochs, init_args.max_epochs) == (1e-3, 0, 5)
     assert init_args.feature_noise == 0.1  # against fitting the ~200 training images (convergence_parts)
+    assert (init_args.image_score, init_args.pixel_map) == ("likelihood", "msflow")  # convergence_scoring
     assert config.trainer.max_epochs == 5
     assert config.trainer.enable_progress_bar is True
     assert config.data.class_path == "anomalib.data.MVTecAD"

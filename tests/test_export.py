@@ -175,9 +175,10 @@ def test_onnx_export_of_the_likelihood_scoring_matches_torch(
     images: torch.Tensor,
     tmp_path: Path,
 ) -> None:
-    """The absolute-likelihood maps and scores (``scoring="likelihood"``) export and run like the paper's."""
+    """The absolute-likelihood score and map (``"likelihood"`` for both) export and run like the paper's."""
     model = copy.deepcopy(trained[0])
-    model.model.anomaly_map_generator.scoring = "likelihood"
+    model.model.anomaly_map_generator.image_score = "likelihood"
+    model.model.anomaly_map_generator.pixel_map = "likelihood"
     with torch.no_grad():
         reference = model(images)
     path = model.to_onnx(tmp_path)

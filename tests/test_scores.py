@@ -64,7 +64,7 @@ def _log_likelihood_map(latents: list[torch.Tensor]) -> torch.Tensor:
 
 def test_likelihood_scoring_is_the_absolute_negative_log_likelihood() -> None:
     latents = _latents(spread=2.0)
-    anomaly_map, score = AnomalyMapGenerator(scoring="likelihood")(latents, SIZE)
+    anomaly_map, score = AnomalyMapGenerator(image_score="likelihood", pixel_map="likelihood")(latents, SIZE)
     log_likelihood = _log_likelihood_map(latents)
     assert torch.allclose(anomaly_map, -log_likelihood, rtol=1e-12, atol=0)
     k = int(0.03 * SIZE[0] * SIZE[1])
@@ -79,22 +79,42 @@ def test_likelihood_scoring_compares_images_without_their_own_maximum() -> None:
     # map measures each image from its own most likely pixel (0 there in both); the absolute one ranks every pixel
     # and the score of the second image above the first's.
     latents = [torch.cat([z[:1], 1.5 * z[:1]]) for z in _latents(spread=2.0)]
-    msflow_map = AnomalyMapGenerator(scoring="msflow")(latents, SIZE)[0]
-    likelihood_map, likelihood_score = AnomalyMapGenerator(scoring="likelihood")(latents, SIZE)
+    msflow_map = AnomalyMapGenerator()(latents, SIZE)[0]
+    likelihood_map, likelihood_score = AnomalyMapGenerator(image_score="likelihood", pixel_map="likelihood")(
+        latents, SIZE
+    )
     assert msflow_map[0].min() == msflow_map[1].min() == 0
     assert (likelihood_map[1] > likelihood_map[0]).all()
     assert likelihood_score[1] > likelihood_score[0]
 
 
-def test_scoring_is_validated_and_reaches_the_generator() -> None:
-    with pytest.raises(ValueError, match=r"scoring must be one of \['msflow', 'likelihood'\], got 'nll'"):
-        AnomalyMapGenerator(scoring="nll")
-    model = GCAFlow(
-        backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1), scoring="likelihood"
+def test_image_score_and_pixel_map_choose_independently() -> None:
+    latents = _latents(spread=2.0)
+    paper_map, paper_score = AnomalyMapGenerator()(latents, SIZE)
+    likelihood_map, likelihood_score = AnomalyMapGenerator(image_score="likelihood", pixel_map="likelihood")(
+        latents, SIZE
     )
-    assert model.model.anomaly_map_generator.scoring == "likelihood"
-    assert model.hparams.scoring == "likelihood"
-    assert GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, depths=(1, 1, 1)).hparams.scoring == "msflow"
+    mixed_map, mixed_score = AnomalyMapGenerator(image_score="likelihood")(latents, SIZE)
+    assert torch.equal(mixed_map, paper_map)
+    assert torch.equal(mixed_score, likelihood_score)
+    assert torch.equal(AnomalyMapGenerator(pixel_map="likelihood")(latents, SIZE)[1], paper_score)
+    assert not torch.equal(likelihood_map, paper_map)
+
+
+@pytest.mark.parametrize("option", ["image_score", "pixel_map"])
+def test_scoring_options_are_validated_and_reach_the_generator(option: str) -> None:
+    with pytest.raises(ValueError, match=rf"{option} must be one of \['msflow', 'likelihood'\], got 'nll'"):
+        AnomalyMapGenerator(**{option: "nll"})
+    model = GCAFlow(
+        backbone="tf_efficientnet_lite0",
+        pre_trained=False,
+        image_size=(64, 64),
+        depths=(1, 1, 1),
+        **{option: "likelihood"},
+    )
+    assert getattr(model.model.anomaly_map_generator, option) == "likelihood"
+    assert model.hparams[option] == "likelihood"
+    assert GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, depths=(1, 1, 1)).hparams[option] == "msflow"
 
 
 def test_post_processor_preserves_rank_and_threshold() -> None:

@@ -37,9 +37,9 @@ class GCAFlowModel(nn.Module):
         flow_config (FlowConfig | None, optional): The flow's shape. Defaults to ``None``: a :class:`FlowConfig`
             built from ``flow_options``.
         top_k (float, optional): Fraction of pixels in the image score. Defaults to 0.03.
-        scoring (str, optional): ``"msflow"`` (the paper's per-image normalised maps and score) or
-            ``"likelihood"`` (absolute negative log-likelihoods); see :class:`AnomalyMapGenerator`.
-            Defaults to ``"msflow"``.
+        image_score (str, optional): ``"msflow"`` (the paper's, normalised by the image's most likely pixel) or
+            ``"likelihood"`` (absolute); see :class:`AnomalyMapGenerator`. Defaults to ``"msflow"``.
+        pixel_map (str, optional): ``"msflow"`` or ``"likelihood"``, likewise. Defaults to ``"msflow"``.
         feature_noise (float, optional): Standard deviation of Gaussian noise added to the flow's input features in
             training mode, as a fraction of each channel's standard deviation in the batch; ``0`` adds none.
             Defaults to ``0.0``.
@@ -48,7 +48,8 @@ class GCAFlowModel(nn.Module):
 
     Raises:
         ValueError: If ``flow_config`` and ``flow_options`` are both given, if an option is out of range, or if
-            the depths do not match the backbone's stages, if ``scoring`` is unknown or ``feature_noise`` negative.
+            the depths do not match the backbone's stages, if ``image_score`` or ``pixel_map`` is unknown, or
+            ``feature_noise`` negative.
     """
 
     def __init__(
@@ -59,7 +60,8 @@ class GCAFlowModel(nn.Module):
         weights_path: str | None = None,
         flow_config: FlowConfig | None = None,
         top_k: float = 0.03,
-        scoring: str = "msflow",
+        image_score: str = "msflow",
+        pixel_map: str = "msflow",
         feature_noise: float = 0.0,
         **flow_options: Any,  # noqa: ANN401 - FlowConfig's fields, each typed there
     ) -> None:
@@ -73,7 +75,7 @@ class GCAFlowModel(nn.Module):
         self.feature_noise = float(feature_noise)
         flow_config = FlowConfig(**flow_options) if flow_config is None else flow_config
         # Validate the cheap parts first, so a bad configuration never waits for a backbone download.
-        self.anomaly_map_generator = AnomalyMapGenerator(top_k, scoring)
+        self.anomaly_map_generator = AnomalyMapGenerator(top_k, image_score, pixel_map)
         # Weights that cannot be downloaded fail at first use, not here: the anomalib CLI builds the model while it
         # parses its arguments and would bury the message in its own report, and a checkpoint loaded afterwards
         # brings the backbone's weights anyway.
