@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from benchmarks.protocol import DATASET_LABELS, MODEL_LABELS
 
@@ -175,5 +176,7 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
         row[0].set_title(DATASET_LABELS[dataset], loc="left")
         for axis in row:
             axis.grid(alpha=0.3)
+            # A log axis spanning less than a decade labels its minor ticks too, and they overlap.
+            axis.xaxis.set_minor_formatter(NullFormatter())
         row[3].legend(fontsize=7)
     figure.savefig(path, dpi=110)
