@@ -25,12 +25,17 @@ def _latents(spread: float, images: int = 32, seed: int = 0) -> list[torch.Tenso
     ]
 
 
-def _msflow_score(latents: list[torch.Tensor], top_k: float = 0.03) -> torch.Tensor:
-    """MSFlow's formula, written out independently: mean of the top-K of ``1 - exp(L - max L)``, fp64."""
-    log_product = sum(
+def _log_likelihood_map(latents: list[torch.Tensor]) -> torch.Tensor:
+    """``L = sum_i Up(-0.5 mean_c z_i^2)``, written out independently, ``(B, 1, H, W)`` fp64."""
+    return sum(
         F.interpolate(-0.5 * z.square().mean(1, keepdim=True), size=SIZE, mode="bilinear", align_corners=True)
         for z in latents
-    ).flatten(1)
+    )
+
+
+def _msflow_score(latents: list[torch.Tensor], top_k: float = 0.03) -> torch.Tensor:
+    """MSFlow's formula, written out independently: mean of the top-K of ``1 - exp(L - max L)``, fp64."""
+    log_product = _log_likelihood_map(latents).flatten(1)
     multiplicative = 1 - torch.exp(log_product - log_product.amax(1, keepdim=True))
     return multiplicative.topk(int(top_k * SIZE[0] * SIZE[1]), dim=1).values.mean(1)
 
@@ -52,14 +57,6 @@ def test_score_keeps_images_apart_where_msflow_saturates() -> None:
     assert len(torch.unique(msflow)) < 4, "the test needs latents on which MSFlow's fp32 score saturates"
     assert len(torch.unique(ours)) == len(ours)
     assert torch.isfinite(ours).all()
-
-
-def _log_likelihood_map(latents: list[torch.Tensor]) -> torch.Tensor:
-    """``L = sum_i Up(-0.5 mean_c z_i^2)``, written out independently, ``(B, 1, H, W)`` fp64."""
-    return sum(
-        F.interpolate(-0.5 * z.square().mean(1, keepdim=True), size=SIZE, mode="bilinear", align_corners=True)
-        for z in latents
-    )
 
 
 def test_likelihood_scoring_is_the_absolute_negative_log_likelihood() -> None:
