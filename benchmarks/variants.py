@@ -55,6 +55,12 @@ _VARIANTS = (
         MSFLOW_EQUIVALENT,
         ablation_configs=("msflow.yaml",),
     ),
+    Variant(
+        "msflow_gca",
+        "MSFlow subnet with GCA attention",
+        {"subnet": "msflow"},
+        in_accuracy_grid=False,
+    ),
     Variant("gcaflow_se", "GCAFlow, SE attention", {"attention": "se"}, ("attention_se.yaml",)),
     Variant("gcaflow_eca", "GCAFlow, ECA attention", {"attention": "eca"}, ("attention_eca.yaml",)),
     Variant("gcaflow_noattn", "GCAFlow, no attention (H-Flow only)", {"attention": "none"}, ("attention_none.yaml",)),
