@@ -34,6 +34,31 @@ def _mean_std(values: list[float]) -> dict[str, float | None]:
     }
 
 
+def _breakdowns(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean +- std over seeds of the image AUROC per defect type and per feature scale, where every seed has them.
+
+    Records written before these were measured lack them; a mix of old and new seeds gets none.
+
+    Args:
+        metrics: One point's metrics per seed.
+
+    Returns:
+        dict[str, Any]: ``image_AUROC_by_defect`` (type -> stats) and ``image_AUROC_by_scale`` (stats per scale),
+        each only where every seed has it.
+    """
+    entry: dict[str, Any] = {}
+    if all("image_AUROC_by_defect" in m for m in metrics):
+        names = sorted(set().union(*(m["image_AUROC_by_defect"] for m in metrics)))
+        entry["image_AUROC_by_defect"] = {
+            name: _mean_std([m["image_AUROC_by_defect"][name] for m in metrics]) for name in names
+        }
+    if all("image_AUROC_by_scale" in m for m in metrics):
+        entry["image_AUROC_by_scale"] = [
+            _mean_std(list(values)) for values in zip(*(m["image_AUROC_by_scale"] for m in metrics), strict=True)
+        ]
+    return entry
+
+
 def summarise(records: list[dict[str, Any]], study: Any) -> dict[str, Any]:  # noqa: ANN401
     """Aggregate the records: per data set, model and evaluated epoch, mean +- std of metrics and times over seeds.
 
@@ -53,6 +78,7 @@ def summarise(records: list[dict[str, Any]], study: Any) -> dict[str, Any]:  # n
         entry: dict[str, Any] = {"epoch": epoch, "seeds": sorted(r["seed"] for r, _ in pairs)}
         entry |= {metric: _mean_std([p["metrics"][metric] for _, p in pairs]) for metric in METRICS}
         entry |= {time: _mean_std([p[time] for _, p in pairs]) for time in TIMES}
+        entry |= _breakdowns([p["metrics"] for _, p in pairs])
         final = [r["anomalib_test"]["metrics"] for r, p in pairs if p["epoch"] == r["budget"]]
         entry["anomalib_test"] = {
             metric: _mean_std([f[metric] for f in final if f[metric] is not None]) for metric in METRICS
@@ -145,11 +171,41 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
                 f"{_cell(e['anomalib_test']['image_AUROC'])} |"
                 for e in entries
             ]
-        lines.append("")
+        lines += ["", *_breakdown_table(models)]
     if summary["failed_runs"]:
         lines += ["## Failed (rerunning the command retries them)", ""]
         lines += [f"- {f['model']} on {f['dataset']}, seed {f['seed']}: `{f['error']}`" for f in summary["failed_runs"]]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _breakdown_table(models: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown lines: image AUROC per defect type and per feature scale after each model's last evaluated epoch.
+
+    Args:
+        models: ``summary[dataset]``.
+
+    Returns:
+        list[str]: The table and its caption, or nothing when no model has the breakdowns.
+    """
+    last = {model: entries[-1] for model, entries in models.items() if "image_AUROC_by_defect" in entries[-1]}
+    if not last:
+        return []
+    defects = sorted(set().union(*(e["image_AUROC_by_defect"] for e in last.values())))
+    scales = max(len(e.get("image_AUROC_by_scale", [])) for e in last.values())
+    missing = {"mean": None, "std": None}
+    lines = [
+        "Image AUROC after the last epoch, per defect type (its images against every normal test image) and of "
+        "the image score each feature scale gives alone (GCAFlow's flows; scale 1 = finest).",
+        "",
+        "| model | epoch | " + " | ".join(defects + [f"scale {i + 1}" for i in range(scales)]) + " |",
+        "|---|---|" + "---|" * (len(defects) + scales),
+    ]
+    for model, entry in last.items():
+        by_scale = entry.get("image_AUROC_by_scale", [])
+        cells = [_cell(entry["image_AUROC_by_defect"].get(name, missing)) for name in defects]
+        cells += [_cell(by_scale[i]) if i < len(by_scale) else "-" for i in range(scales)]
+        lines.append(f"| {MODEL_LABELS[model]} | {entry['epoch']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_plot(summary: dict[str, Any], path: Path) -> None:

@@ -102,6 +102,24 @@ def _magnetic_tile_datamodule(settings: Settings, loader_args: dict[str, Any]) -
     return datamodule, description
 
 
+def defect_type(image_path: str) -> str:
+    """Name the defect type of an anomalous test image from its path, in either data set's layout.
+
+    MVTec AD keeps each type in its own folder (``test/broken_large/000.png``); the converted Magnetic Tile keeps
+    every defect in ``defect/`` and names the file after its type (``defect/Blowhole_exp1_num_4727.jpg``).
+
+    Args:
+        image_path: Path of the image.
+
+    Returns:
+        str: The defect type.
+    """
+    path = Path(image_path)
+    if path.parent.name == ABNORMAL_DIR:
+        return path.name.split("_", 1)[0]
+    return path.parent.name
+
+
 def bottle_root(settings: Settings) -> Path:
     """Return the MVTec AD root holding this protocol's bottle images (a copied subset under ``--limit``).
 

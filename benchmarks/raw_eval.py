@@ -6,6 +6,8 @@ here read ``pred_score`` and ``anomaly_map`` as the torch model returns them (af
 of the input) and rank them in float64:
 
 - image and pixel AUROC: the Mann-Whitney statistic (a tie counts one half);
+- image AUROC per defect type (each type's images against all normal ones) and, for GCAFlow, of the image score
+  each feature scale gives alone: where a model ranks worse, these say which defects and which scale;
 - PRO: anomalib's AUPRO definition (connected regions of the ground truth found by anomalib's
   ``connected_components_cpu``, per-region overlap averaged over regions against the global false-positive rate,
   area up to ``fpr_limit`` with the curve interpolated there, divided by ``fpr_limit``).
@@ -26,6 +28,7 @@ from lightning.pytorch import Callback, Trainer
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
+from benchmarks.data import defect_type
 from benchmarks.rates import autocast_context
 from benchmarks.timing import TrainingClock, cpu_seconds
 
@@ -111,12 +114,15 @@ def raw_outputs(
             ``None``: full precision.
 
     Returns:
-        dict[str, np.ndarray]: ``scores`` (N,), ``labels`` (N,), ``maps`` and ``masks`` (N, H, W), float64 scores.
+        dict[str, np.ndarray]: ``scores`` (N,), ``labels`` (N,), ``maps`` and ``masks`` (N, H, W), float64 scores,
+        ``defect_types`` (N,) (``"good"`` for normal images, see :func:`benchmarks.data.defect_type`) and, for a
+        GCAFlow model, ``scale_scores`` (N, S): the image score each feature scale gives alone.
     """
     modes = {submodule: submodule.training for submodule in module.modules()}
     states = _random_states()
     device = module.device
-    scores, labels, maps, masks = [], [], [], []
+    scores, labels, maps, masks, types, scale_scores = [], [], [], [], [], []
+    latents = _LatentRecorder(module.model)
     module.eval()
     try:
         with torch.no_grad(), autocast_context(device, autocast_dtype):
@@ -129,17 +135,69 @@ def raw_outputs(
                 scores.append(predictions.pred_score.detach().cpu().double().reshape(-1).numpy())
                 maps.append(anomaly_map.numpy())
                 masks.append(mask.cpu().reshape(anomaly_map.shape).numpy() > 0)
-                labels.append(batch.gt_label.cpu().reshape(-1).numpy().astype(np.int64))
+                batch_labels = batch.gt_label.cpu().reshape(-1).numpy().astype(np.int64)
+                labels.append(batch_labels)
+                types.append([
+                    defect_type(path) if label else "good"
+                    for path, label in zip(batch.image_path, batch_labels, strict=True)
+                ])
+                if latents.enabled:
+                    scale_scores.append(latents.scale_scores(image.shape[-2:]))
     finally:
+        latents.remove()
         for submodule, training in modes.items():
             submodule.train(training)
         _restore_random_states(states)
-    return {
+    outputs = {
         "scores": np.concatenate(scores),
         "labels": np.concatenate(labels),
         "maps": np.concatenate(maps),
         "masks": np.concatenate(masks),
+        "defect_types": np.concatenate(types),
     }
+    if scale_scores:
+        outputs["scale_scores"] = np.concatenate(scale_scores)
+    return outputs
+
+
+class _LatentRecorder:
+    """Keep the latents of a GCAFlow model's last forward pass, to score each feature scale on its own.
+
+    A forward hook on the model's flow sees the latents the model scored, so nothing is computed twice; the score
+    of one scale is the model's own image score (same ``top_k`` and scoring) over that scale's latent alone.
+    Other models (no ``flow`` and ``anomaly_map_generator``) are left untouched and :attr:`enabled` is false.
+
+    Args:
+        model: The torch model of an anomalib module.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.generator = getattr(model, "anomaly_map_generator", None)
+        flow = getattr(model, "flow", None)
+        self.enabled = self.generator is not None and flow is not None
+        self.latents: list[torch.Tensor] = []
+        self._handle = flow.register_forward_hook(self._keep) if self.enabled else None
+
+    def _keep(self, module: torch.nn.Module, inputs: object, outputs: tuple[list[torch.Tensor], torch.Tensor]) -> None:
+        del module, inputs
+        self.latents = list(outputs[0])
+
+    def scale_scores(self, image_size: Sequence[int]) -> np.ndarray:
+        """Image score of every scale of the last batch.
+
+        Args:
+            image_size: ``(H, W)`` of the input.
+
+        Returns:
+            np.ndarray: ``(B, S)`` float64 scores.
+        """
+        columns = [self.generator([latent], image_size)[1].detach().cpu().double() for latent in self.latents]
+        return torch.stack(columns, dim=1).numpy()
+
+    def remove(self) -> None:
+        """Remove the hook."""
+        if self._handle is not None:
+            self._handle.remove()
 
 
 def raw_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
@@ -149,14 +207,26 @@ def raw_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
         outputs: See :func:`raw_outputs`.
 
     Returns:
-        dict[str, float]: ``image_AUROC``, ``pixel_AUROC``, ``PRO``, ``distinct_image_scores``.
+        dict[str, float]: ``image_AUROC``, ``pixel_AUROC``, ``PRO``, ``distinct_image_scores``,
+        ``image_AUROC_by_defect`` (defect type -> AUROC of its images against every normal one) and, with
+        ``scale_scores``, ``image_AUROC_by_scale`` (one per feature scale, finest first).
     """
-    return {
-        "image_AUROC": auroc(outputs["scores"], outputs["labels"]),
+    scores, labels, types = outputs["scores"], outputs["labels"], outputs["defect_types"]
+    normal = labels == 0
+    by_defect = {}
+    for name in sorted(set(types[~normal])):
+        chosen = normal | (types == name)
+        by_defect[name] = auroc(scores[chosen], labels[chosen])
+    metrics = {
+        "image_AUROC": auroc(scores, labels),
         "pixel_AUROC": auroc(outputs["maps"], outputs["masks"]),
         "PRO": pro(outputs["maps"], outputs["masks"]),
-        "distinct_image_scores": int(np.unique(outputs["scores"]).size),
+        "distinct_image_scores": int(np.unique(scores).size),
+        "image_AUROC_by_defect": by_defect,
     }
+    if "scale_scores" in outputs:
+        metrics["image_AUROC_by_scale"] = [auroc(column, labels) for column in outputs["scale_scores"].T]
+    return metrics
 
 
 def measure(

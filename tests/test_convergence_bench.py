@@ -13,9 +13,11 @@ import torch
 from anomalib.metrics import AUPRO
 from sklearn.metrics import roc_auc_score
 
+from anomalib_gcaflow import GCAFlow
 from benchmarks import convergence
 from benchmarks.convergence_run import Settings, train_and_evaluate
-from benchmarks.raw_eval import auroc, pro
+from benchmarks.data import defect_type
+from benchmarks.raw_eval import auroc, pro, raw_metrics, raw_outputs
 
 
 def test_float64_metrics_match_the_reference_definitions() -> None:
@@ -37,6 +39,41 @@ def test_float64_metrics_match_the_reference_definitions() -> None:
     close = 1.0 - np.array([1e-12, 2e-12, 3e-12, 4e-12])
     assert auroc(close, np.array([1, 1, 0, 0])) == 1.0
     assert auroc(np.ones(4), np.array([1, 1, 0, 0])) == 0.5
+
+
+def test_breakdowns_per_defect_type_and_per_feature_scale() -> None:
+    """Defect types come from either layout's paths; each scale's score is the model's score of that latent alone."""
+    assert defect_type("/d/bottle/test/broken_large/000.png") == "broken_large"
+    assert defect_type("/d/magnetic_tile/defect/Blowhole_exp1_num_4727.jpg") == "Blowhole"
+
+    torch.manual_seed(0)
+    model = GCAFlow(
+        backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1), expansion=1
+    ).eval()
+    paths = ["/d/test/good/0.png", "/d/test/crack/1.png", "/d/test/good/2.png", "/d/test/hole/3.png"]
+    labels = torch.tensor([0, 1, 0, 1])
+    batch = SimpleNamespace(
+        image=torch.rand(4, 3, 64, 64), gt_mask=torch.zeros(4, 64, 64), gt_label=labels, image_path=paths
+    )
+    batch.gt_mask[1, 10:20, 10:20] = batch.gt_mask[3, 30:40, 5:15] = 1
+    outputs = raw_outputs(model, [batch])
+    assert outputs["defect_types"].tolist() == ["good", "crack", "good", "hole"]
+
+    with torch.no_grad():
+        image, _ = model.pre_processor.transform(batch.image, batch.gt_mask)
+        latents, _ = model.model.flow(model.model.extract_features(image))
+        expected = [model.model.anomaly_map_generator([z], (64, 64))[1] for z in latents]
+    assert outputs["scale_scores"].shape == (4, 3)
+    assert np.allclose(outputs["scale_scores"], torch.stack(expected, dim=1).double().numpy())
+    assert not model.model.flow._forward_hooks
+
+    metrics = raw_metrics(outputs)
+    scores = outputs["scores"]
+    assert metrics["image_AUROC_by_defect"] == {
+        "crack": auroc(scores[[0, 1, 2]], np.array([0, 1, 0])),
+        "hole": auroc(scores[[0, 2, 3]], np.array([0, 0, 1])),
+    }
+    assert metrics["image_AUROC_by_scale"] == [auroc(column, labels.numpy()) for column in outputs["scale_scores"].T]
 
 
 def _settings(mvtec_root: Path, tmp_path: Path, *extra: str) -> Settings:
@@ -82,6 +119,13 @@ def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tm
                 assert 0.0 <= point["metrics"][metric] <= 1.0, (path.name, metric)
             assert point["train_cpu_s"] > 0 and point["eval_s"] > 0
             assert math.isfinite(point["train_loss"]) if trained else "train_loss" not in point
+            by_defect = point["metrics"]["image_AUROC_by_defect"]
+            assert set(by_defect) <= {"broken_large", "broken_small", "contamination"} and by_defect
+            assert (
+                len(point["metrics"]["image_AUROC_by_scale"]) == 3
+                if trained
+                else "image_AUROC_by_scale" not in point["metrics"]
+            )
         if trained:
             first, last = record["points"]
             assert last["train_s"] > first["train_s"] and last["train_cpu_s"] > first["train_cpu_s"]
@@ -91,7 +135,9 @@ def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tm
         assert record["versions"]["git"] and record["machine"]["cpu"]
     assert set(summary["summary"]["bottle"]) == {"gcaflow", "patchcore"}
     assert [e["epoch"] for e in summary["summary"]["bottle"]["gcaflow"]] == [1, 2]
-    assert "| GCAFlow (paper defaults) | 2 | 1 |" in (tmp_path / "out" / "convergence.md").read_text()
+    table = (tmp_path / "out" / "convergence.md").read_text()
+    assert "| GCAFlow (paper defaults) | 2 | 1 |" in table
+    assert "| model | epoch | broken_" in table and "| scale 3 |" in table
     assert (tmp_path / "out" / "convergence.png").read_bytes().startswith(b"\x89PNG")
 
     written = {path.name: path.stat().st_mtime_ns for path in runs}
