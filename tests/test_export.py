@@ -170,22 +170,25 @@ def test_cli_onnx_export_matches_torch_on_real_images(
     _assert_matches(outputs, reference, "onnxruntime")
 
 
-def test_onnx_export_of_the_likelihood_scoring_matches_torch(
+@pytest.mark.parametrize("scoring", ["likelihood", "standardized"])
+def test_onnx_export_of_the_likelihood_scorings_matches_torch(
     trained: tuple[GCAFlow, Path],
     images: torch.Tensor,
     tmp_path: Path,
+    scoring: str,
 ) -> None:
-    """The absolute-likelihood score and map (``"likelihood"`` for both) export and run like the paper's."""
+    """The absolute-likelihood scores and maps, plain and standardised per scale, export and run like the paper's."""
     model = copy.deepcopy(trained[0])
-    model.model.anomaly_map_generator.image_score = "likelihood"
-    model.model.anomaly_map_generator.pixel_map = "likelihood"
+    assert int(model.model.anomaly_map_generator.num_batches_tracked) > 0
+    model.model.anomaly_map_generator.image_score = scoring
+    model.model.anomaly_map_generator.pixel_map = scoring
     with torch.no_grad():
         reference = model(images)
     path = model.to_onnx(tmp_path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
-    _assert_matches(outputs, reference, "onnxruntime (likelihood scoring)")
+    _assert_matches(outputs, reference, f"onnxruntime ({scoring} scoring)")
 
 
 # Scores of the pinned IR compiled without an inference-precision hint: identical to fp32 where the CPU has no bf16

@@ -98,9 +98,79 @@ def test_image_score_and_pixel_map_choose_independently() -> None:
     assert not torch.equal(likelihood_map, paper_map)
 
 
+def test_scale_statistics_are_tracked_like_batchnorm_running_statistics() -> None:
+    generator = AnomalyMapGenerator(image_score="standardized")
+    first, second = _latents(spread=2.0, seed=1), _latents(spread=3.0, seed=2)
+
+    def per_scale(latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        values = [-0.5 * z.square().mean(1) for z in latents]
+        return torch.stack([v.mean() for v in values]), torch.stack([v.var() for v in values])
+
+    generator.track(first)
+    mean, variance = per_scale(first)
+    assert torch.allclose(generator.running_mean.double(), mean, rtol=1e-6)
+    assert torch.allclose(generator.running_var.double(), variance, rtol=1e-6)
+    generator.track(second)
+    mean2, variance2 = per_scale(second)
+    assert torch.allclose(generator.running_mean.double(), 0.9 * mean + 0.1 * mean2, rtol=1e-6)
+    assert torch.allclose(generator.running_var.double(), 0.9 * variance + 0.1 * variance2, rtol=1e-6)
+    assert int(generator.num_batches_tracked) == 2
+    with pytest.raises(ValueError, match="expected 3 latents"):
+        generator.track(first[:2])
+
+
+def test_standardized_scoring_puts_each_scale_in_units_of_its_training_spread() -> None:
+    generator = AnomalyMapGenerator(image_score="standardized", pixel_map="standardized").double()
+    latents = _latents(spread=2.0)
+    with pytest.raises(ValueError, match="'standardized' scoring needs each scale's log-likelihood statistics"):
+        generator(latents, SIZE)
+    generator.track(_latents(spread=2.0, seed=3))
+    anomaly_map, score = generator(latents, SIZE)
+    expected = sum(
+        F.interpolate(
+            (-0.5 * z.square().mean(1, keepdim=True) - generator.running_mean[i])
+            / (generator.running_var[i] + 1e-6).sqrt(),
+            size=SIZE,
+            mode="bilinear",
+            align_corners=True,
+        )
+        for i, z in enumerate(latents)
+    )
+    assert torch.allclose(anomaly_map, -expected, rtol=1e-12, atol=1e-12)
+    k = int(0.03 * SIZE[0] * SIZE[1])
+    least_likely = expected.flatten(1).sort(dim=1).values[:, :k]
+    assert torch.allclose(score, -least_likely.exp().mean(1).log(), rtol=1e-9, atol=0)
+    # The statistics reach no other scoring, and never change an image's value with its batch.
+    assert torch.equal(
+        AnomalyMapGenerator(image_score="likelihood").double()(latents, SIZE)[1],
+        AnomalyMapGenerator(image_score="likelihood").double()(latents, SIZE)[1],
+    )
+    assert torch.equal(generator([z[:3] for z in latents], SIZE)[1], score[:3])
+
+
+def test_training_tracks_the_statistics_and_old_checkpoints_still_load() -> None:
+    model = GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1))
+    generator = model.model.anomaly_map_generator
+    images = torch.rand(2, 3, 64, 64)
+    model.model.train()(images)
+    assert int(generator.num_batches_tracked) == 1 and not torch.equal(generator.running_var, torch.ones(3))
+    model.model.eval()(images)
+    assert int(generator.num_batches_tracked) == 1
+    state = {
+        key: value
+        for key, value in model.state_dict().items()
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")) or "anomaly_map" not in key
+    }
+    old = GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1))
+    old.load_state_dict(state)
+    assert int(old.model.anomaly_map_generator.num_batches_tracked) == 0
+
+
 @pytest.mark.parametrize("option", ["image_score", "pixel_map"])
 def test_scoring_options_are_validated_and_reach_the_generator(option: str) -> None:
-    with pytest.raises(ValueError, match=rf"{option} must be one of \['msflow', 'likelihood'\], got 'nll'"):
+    with pytest.raises(
+        ValueError, match=rf"{option} must be one of \['msflow', 'likelihood', 'standardized'\], got 'nll'"
+    ):
         AnomalyMapGenerator(**{option: "nll"})
     model = GCAFlow(
         backbone="tf_efficientnet_lite0",

@@ -37,9 +37,11 @@ class GCAFlowModel(nn.Module):
         flow_config (FlowConfig | None, optional): The flow's shape. Defaults to ``None``: a :class:`FlowConfig`
             built from ``flow_options``.
         top_k (float, optional): Fraction of pixels in the image score. Defaults to 0.03.
-        image_score (str, optional): ``"msflow"`` (the paper's, normalised by the image's most likely pixel) or
-            ``"likelihood"`` (absolute); see :class:`AnomalyMapGenerator`. Defaults to ``"msflow"``.
-        pixel_map (str, optional): ``"msflow"`` or ``"likelihood"``, likewise. Defaults to ``"msflow"``.
+        image_score (str, optional): ``"msflow"`` (the paper's, normalised by the image's most likely pixel),
+            ``"likelihood"`` (absolute) or ``"standardized"`` (each scale in units of its spread over the training
+            data); see :class:`AnomalyMapGenerator`. Defaults to ``"msflow"``.
+        pixel_map (str, optional): ``"msflow"``, ``"likelihood"`` or ``"standardized"``, likewise.
+            Defaults to ``"msflow"``.
         feature_noise (float, optional): Standard deviation of Gaussian noise added to the flow's input features in
             training mode, as a fraction of each channel's standard deviation in the batch; ``0`` adds none.
             Defaults to ``0.0``.
@@ -75,7 +77,7 @@ class GCAFlowModel(nn.Module):
         self.feature_noise = float(feature_noise)
         flow_config = FlowConfig(**flow_options) if flow_config is None else flow_config
         # Validate the cheap parts first, so a bad configuration never waits for a backbone download.
-        self.anomaly_map_generator = AnomalyMapGenerator(top_k, image_score, pixel_map)
+        self.anomaly_map_generator = AnomalyMapGenerator(top_k, image_score, pixel_map, len(flow_config.depths))
         # Weights that cannot be downloaded fail at first use, not here: the anomalib CLI builds the model while it
         # parses its arguments and would bury the message in its own report, and a checkpoint loaded afterwards
         # brings the backbone's weights anyway.
@@ -146,6 +148,7 @@ class GCAFlowModel(nn.Module):
             features = [self._add_noise(feature) for feature in features]
         latents, log_det = self.flow(features)
         if self.training:
+            self.anomaly_map_generator.track(latents)
             return latents, log_det
         anomaly_map, pred_score = self.anomaly_map_generator(latents, images.shape[-2:])
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
