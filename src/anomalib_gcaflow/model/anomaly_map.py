@@ -134,8 +134,11 @@ class AnomalyMapGenerator(nn.Module):
             image_size (Sequence[int]): ``(H, W)`` of the input image.
 
         Returns:
-            tuple[torch.Tensor, torch.Tensor]: Pixel anomaly map ``(B, 1, H, W)`` (>= 0) and image score ``(B,)``
-            (>= 0, in nats), both fp32.
+            tuple[torch.Tensor, torch.Tensor]: Pixel anomaly map ``(B, 1, H, W)`` and image score ``(B,)``, both
+            fp32, >= 0 and in nats, except that a ``"standardized"`` one is in standard deviations, of either sign.
+
+        Raises:
+            ValueError: If a ``"standardized"`` scoring is asked of a model whose statistics were never tracked.
         """
         size = (int(image_size[0]), int(image_size[1]))
         # The upsampled sums over scales that the chosen scorings read.
