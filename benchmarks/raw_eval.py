@@ -28,6 +28,7 @@ from lightning.pytorch import Callback, Trainer
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
+from anomalib_gcaflow.model.anomaly_map import AnomalyMapGenerator
 from benchmarks.data import defect_type
 from benchmarks.rates import autocast_context
 from benchmarks.timing import TrainingClock, cpu_seconds
@@ -172,9 +173,13 @@ class _LatentRecorder:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.generator = getattr(model, "anomaly_map_generator", None)
+        generator = getattr(model, "anomaly_map_generator", None)
         flow = getattr(model, "flow", None)
-        self.enabled = self.generator is not None and flow is not None
+        self.enabled = generator is not None and flow is not None
+        # One single-scale generator per scale, carrying that scale's statistics for "standardized" scores.
+        self.generators = (
+            [_single_scale(generator, index) for index in range(len(flow.channels))] if self.enabled else []
+        )
         self.latents: list[torch.Tensor] = []
         self._handle = flow.register_forward_hook(self._keep) if self.enabled else None
 
@@ -191,13 +196,34 @@ class _LatentRecorder:
         Returns:
             np.ndarray: ``(B, S)`` float64 scores.
         """
-        columns = [self.generator([latent], image_size)[1].detach().cpu().double() for latent in self.latents]
+        columns = [
+            generator([latent], image_size)[1].detach().cpu().double()
+            for generator, latent in zip(self.generators, self.latents, strict=True)
+        ]
         return torch.stack(columns, dim=1).numpy()
 
     def remove(self) -> None:
         """Remove the hook."""
         if self._handle is not None:
             self._handle.remove()
+
+
+def _single_scale(generator: AnomalyMapGenerator, index: int) -> AnomalyMapGenerator:
+    """A copy of ``generator`` that scores one scale's latent, with that scale's tracked statistics.
+
+    Args:
+        generator: The model's generator.
+        index: The scale.
+
+    Returns:
+        AnomalyMapGenerator: The single-scale generator.
+    """
+    single = AnomalyMapGenerator(generator.top_k, generator.image_score, generator.pixel_map, num_scales=1)
+    with torch.no_grad():
+        single.running_mean.copy_(generator.running_mean[index : index + 1])
+        single.running_var.copy_(generator.running_var[index : index + 1])
+        single.num_batches_tracked.copy_(generator.num_batches_tracked)
+    return single.to(generator.running_mean.device)
 
 
 def raw_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:

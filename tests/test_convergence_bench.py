@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.metrics import AUPRO
 from sklearn.metrics import roc_auc_score
 
@@ -66,6 +67,21 @@ def test_breakdowns_per_defect_type_and_per_feature_scale() -> None:
     assert outputs["scale_scores"].shape == (4, 3)
     assert np.allclose(outputs["scale_scores"], torch.stack(expected, dim=1).double().numpy())
     assert not model.model.flow._forward_hooks
+
+    # Under "standardized" scoring each scale is scored with its own statistics.
+    model.model.train()(batch.image)
+    generator = model.model.anomaly_map_generator
+    generator.image_score = "standardized"
+    standardized = raw_outputs(model.eval(), [batch])["scale_scores"]
+    with torch.no_grad():  # the training pass initialised the flow's ActNorms: new latents
+        latents, _ = model.model.flow(model.model.extract_features(image))
+    for index, z in enumerate(latents):
+        alone = (-0.5 * z.square().mean(1, keepdim=True) - generator.running_mean[index]) / (
+            generator.running_var[index] + 1e-6
+        ).sqrt()
+        low = -(-F.interpolate(alone, size=(64, 64), mode="bilinear", align_corners=True).flatten(1)).topk(122).values
+        assert np.allclose(standardized[:, index], -(torch.logsumexp(low, 1) - math.log(122)).numpy(), rtol=1e-5)
+    generator.image_score = "msflow"
 
     metrics = raw_metrics(outputs)
     scores = outputs["scores"]
