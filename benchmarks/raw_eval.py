@@ -28,7 +28,6 @@ from lightning.pytorch import Callback, Trainer
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
-from anomalib_gcaflow.model.anomaly_map import AnomalyMapGenerator
 from benchmarks.data import defect_type
 from benchmarks.rates import autocast_context
 from benchmarks.timing import TrainingClock, cpu_seconds
@@ -165,7 +164,8 @@ class _LatentRecorder:
     """Keep the latents of a GCAFlow model's last forward pass, to score each feature scale on its own.
 
     A forward hook on the model's flow sees the latents the model scored, so nothing is computed twice; the score
-    of one scale is the model's own image score (same ``top_k`` and scoring) over that scale's latent alone.
+    of one scale is the model's own image score (same ``top_k``, scoring and that scale's statistics) over that
+    scale's latent alone.
     Other models (no ``flow`` and ``anomaly_map_generator``) are left untouched and :attr:`enabled` is false.
 
     Args:
@@ -173,13 +173,9 @@ class _LatentRecorder:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        generator = getattr(model, "anomaly_map_generator", None)
+        self.generator = getattr(model, "anomaly_map_generator", None)
         flow = getattr(model, "flow", None)
-        self.enabled = generator is not None and flow is not None
-        # One single-scale generator per scale, carrying that scale's statistics for "standardized" scores.
-        self.generators = (
-            [_single_scale(generator, index) for index in range(len(flow.channels))] if self.enabled else []
-        )
+        self.enabled = self.generator is not None and flow is not None
         self.latents: list[torch.Tensor] = []
         self._handle = flow.register_forward_hook(self._keep) if self.enabled else None
 
@@ -197,8 +193,8 @@ class _LatentRecorder:
             np.ndarray: ``(B, S)`` float64 scores.
         """
         columns = [
-            generator([latent], image_size)[1].detach().cpu().double()
-            for generator, latent in zip(self.generators, self.latents, strict=True)
+            self.generator([latent], image_size, scales=[index])[1].detach().cpu().double()
+            for index, latent in enumerate(self.latents)
         ]
         return torch.stack(columns, dim=1).numpy()
 
@@ -206,24 +202,6 @@ class _LatentRecorder:
         """Remove the hook."""
         if self._handle is not None:
             self._handle.remove()
-
-
-def _single_scale(generator: AnomalyMapGenerator, index: int) -> AnomalyMapGenerator:
-    """A copy of ``generator`` that scores one scale's latent, with that scale's tracked statistics.
-
-    Args:
-        generator: The model's generator.
-        index: The scale.
-
-    Returns:
-        AnomalyMapGenerator: The single-scale generator.
-    """
-    single = AnomalyMapGenerator(generator.top_k, generator.image_score, generator.pixel_map, num_scales=1)
-    with torch.no_grad():
-        single.running_mean.copy_(generator.running_mean[index : index + 1])
-        single.running_var.copy_(generator.running_var[index : index + 1])
-        single.num_batches_tracked.copy_(generator.num_batches_tracked)
-    return single.to(generator.running_mean.device)
 
 
 def raw_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:

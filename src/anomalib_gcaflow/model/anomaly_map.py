@@ -106,7 +106,8 @@ class AnomalyMapGenerator(nn.Module):
             raise ValueError(msg)
         values = torch.stack([torch.stack(torch.var_mean(_log_likelihood(z))) for z in latents], dim=1)
         variance, mean = values.to(self.running_mean.dtype)
-        momentum = 1.0 if int(self.num_batches_tracked) == 0 else STATISTICS_MOMENTUM
+        # A tensor, not a Python branch on the counter: no device-to-host sync in every training step.
+        momentum = torch.where(self.num_batches_tracked == 0, 1.0, STATISTICS_MOMENTUM).to(mean.dtype)
         self.running_mean.lerp_(mean, momentum)
         self.running_var.lerp_(variance, momentum)
         self.num_batches_tracked += 1
@@ -126,12 +127,16 @@ class AnomalyMapGenerator(nn.Module):
         self,
         latents: Sequence[torch.Tensor],
         image_size: Sequence[int],
+        scales: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute the map and the score.
 
         Args:
             latents (Sequence[torch.Tensor]): One ``(B, C_i, h_i, w_i)`` latent per scale.
             image_size (Sequence[int]): ``(H, W)`` of the input image.
+            scales (Sequence[int] | None, optional): The scale each latent belongs to, which picks its tracked
+                statistics (e.g. ``[2]`` to score the coarsest scale alone). Defaults to ``None``: every scale,
+                in order.
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: Pixel anomaly map ``(B, 1, H, W)`` and image score ``(B,)``, both
@@ -157,7 +162,7 @@ class AnomalyMapGenerator(nn.Module):
                 )
                 raise ValueError(msg)
             sums["standardized"] = 0.0
-        for index, z in enumerate(latents):
+        for index, z in zip(range(len(latents)) if scales is None else scales, latents, strict=True):
             log_likelihood = _log_likelihood(z)
             if "additive" in sums:
                 likelihood = torch.exp(log_likelihood - log_likelihood.amax(dim=(2, 3), keepdim=True))
