@@ -35,7 +35,7 @@ def _mean_std(values: list[float]) -> dict[str, float | None]:
 
 
 def _breakdowns(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean +- std over seeds of the image AUROC per defect type and per feature scale, where every seed has them.
+    """Mean +- std over seeds of the breakdowns (per defect type, per feature scale, per scoring) every seed has.
 
     Records written before these were measured lack them; a mix of old and new seeds gets none.
 
@@ -43,8 +43,8 @@ def _breakdowns(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         metrics: One point's metrics per seed.
 
     Returns:
-        dict[str, Any]: ``image_AUROC_by_defect`` (type -> stats) and ``image_AUROC_by_scale`` (stats per scale),
-        each only where every seed has it.
+        dict[str, Any]: ``image_AUROC_by_defect`` (type -> stats), ``image_AUROC_by_scale`` (stats per scale) and
+        ``by_scoring`` (scoring -> metric -> stats), each only where every seed has it.
     """
     entry: dict[str, Any] = {}
     if all("image_AUROC_by_defect" in m for m in metrics):
@@ -56,6 +56,12 @@ def _breakdowns(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         entry["image_AUROC_by_scale"] = [
             _mean_std(list(values)) for values in zip(*(m["image_AUROC_by_scale"] for m in metrics), strict=True)
         ]
+    if all("by_scoring" in m for m in metrics):
+        names = [name for name in metrics[0]["by_scoring"] if all(name in m["by_scoring"] for m in metrics)]
+        entry["by_scoring"] = {
+            name: {metric: _mean_std([m["by_scoring"][name][metric] for m in metrics]) for metric in METRICS}
+            for name in names
+        }
     return entry
 
 
@@ -171,7 +177,7 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
                 f"{_cell(e['anomalib_test']['image_AUROC'])} |"
                 for e in entries
             ]
-        lines += ["", *_breakdown_table(models)]
+        lines += ["", *_breakdown_table(models), *_scoring_table(models)]
     if summary["failed_runs"]:
         lines += ["## Failed (rerunning the command retries them)", ""]
         lines += [f"- {f['model']} on {f['dataset']}, seed {f['seed']}: `{f['error']}`" for f in summary["failed_runs"]]
@@ -236,3 +242,32 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
             axis.xaxis.set_minor_formatter(NullFormatter())
         row[3].legend(fontsize=7)
     figure.savefig(path, dpi=110)
+
+
+def _scoring_table(models: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown lines: each metric under each of GCAFlow's scorings after each model's last evaluated epoch.
+
+    Args:
+        models: ``summary[dataset]``.
+
+    Returns:
+        list[str]: The table and its caption, or nothing when no model has per-scoring metrics.
+    """
+    last = {model: entries[-1] for model, entries in models.items() if "by_scoring" in entries[-1]}
+    if not last:
+        return []
+    lines = [
+        "The same runs after the last epoch, scored each way GCAFlow offers (`image_score` for the image AUROC, "
+        "`pixel_map` for pixel AUROC and PRO; both set to the scoring named), from the same latents.",
+        "",
+        "| model | epoch | scoring | image AUROC | pixel AUROC | PRO |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, entry in last.items():
+        lines += [
+            f"| {MODEL_LABELS[model]} | {entry['epoch']} | {name} | "
+            + " | ".join(_cell(stats[metric]) for metric in METRICS)
+            + " |"
+            for name, stats in entry["by_scoring"].items()
+        ]
+    return [*lines, ""]

@@ -8,6 +8,8 @@ of the input) and rank them in float64:
 - image and pixel AUROC: the Mann-Whitney statistic (a tie counts one half);
 - image AUROC per defect type (each type's images against all normal ones) and, for GCAFlow, of the image score
   each feature scale gives alone: where a model ranks worse, these say which defects and which scale;
+- for GCAFlow, the three metrics under every scoring its generator offers (``msflow``, ``likelihood``,
+  ``standardized``), from the same latents: one training run compares the ways of scoring it;
 - PRO: anomalib's AUPRO definition (connected regions of the ground truth found by anomalib's
   ``connected_components_cpu``, per-region overlap averaged over regions against the global false-positive rate,
   area up to ``fpr_limit`` with the curve interpolated there, divided by ``fpr_limit``).
@@ -28,6 +30,7 @@ from lightning.pytorch import Callback, Trainer
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
+from anomalib_gcaflow.model.anomaly_map import SCORINGS, AnomalyMapGenerator
 from benchmarks.data import defect_type
 from benchmarks.rates import autocast_context
 from benchmarks.timing import TrainingClock, cpu_seconds
@@ -116,12 +119,15 @@ def raw_outputs(
     Returns:
         dict[str, np.ndarray]: ``scores`` (N,), ``labels`` (N,), ``maps`` and ``masks`` (N, H, W), float64 scores,
         ``defect_types`` (N,) (``"good"`` for normal images, see :func:`benchmarks.data.defect_type`) and, for a
-        GCAFlow model, ``scale_scores`` (N, S): the image score each feature scale gives alone.
+        GCAFlow model, ``scale_scores`` (N, S): the image score each feature scale gives alone, and ``scorings``:
+        scoring name -> ``{"scores": (N,), "maps": (N, H, W)}`` as the generator gives them with that image score
+        and pixel map.
     """
     modes = {submodule: submodule.training for submodule in module.modules()}
     states = _random_states()
     device = module.device
     scores, labels, maps, masks, types, scale_scores = [], [], [], [], [], []
+    scorings: dict[str, dict[str, list[np.ndarray]]] = {}
     latents = _LatentRecorder(module.model)
     module.eval()
     try:
@@ -143,6 +149,10 @@ def raw_outputs(
                 ])
                 if latents.enabled:
                     scale_scores.append(latents.scale_scores(image.shape[-2:]))
+                    for name, (scoring_map, scoring_score) in latents.scorings(image.shape[-2:]).items():
+                        columns = scorings.setdefault(name, {"scores": [], "maps": []})
+                        columns["scores"].append(scoring_score)
+                        columns["maps"].append(scoring_map)
     finally:
         latents.remove()
         for submodule, training in modes.items():
@@ -157,6 +167,9 @@ def raw_outputs(
     }
     if scale_scores:
         outputs["scale_scores"] = np.concatenate(scale_scores)
+        outputs["scorings"] = {
+            name: {key: np.concatenate(values) for key, values in columns.items()} for name, columns in scorings.items()
+        }
     return outputs
 
 
@@ -198,6 +211,29 @@ class _LatentRecorder:
         ]
         return torch.stack(columns, dim=1).numpy()
 
+    def scorings(self, image_size: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Map and image score of the last batch under each scoring the generator offers.
+
+        ``"standardized"`` is left out for a model whose statistics were never tracked.
+
+        Args:
+            image_size: ``(H, W)`` of the input.
+
+        Returns:
+            dict[str, tuple[np.ndarray, np.ndarray]]: Scoring -> float64 maps ``(B, H, W)`` and scores ``(B,)``.
+        """
+        results = {}
+        for name in SCORINGS:
+            if name == "standardized" and int(self.generator.num_batches_tracked) == 0:
+                continue
+            generator = AnomalyMapGenerator(
+                self.generator.top_k, image_score=name, pixel_map=name, num_scales=self.generator.running_mean.numel()
+            ).to(self.generator.running_mean.device)
+            generator.load_state_dict(self.generator.state_dict())
+            anomaly_map, score = generator(self.latents, image_size)
+            results[name] = (anomaly_map.detach().cpu().double()[:, 0].numpy(), score.detach().cpu().double().numpy())
+        return results
+
     def remove(self) -> None:
         """Remove the hook."""
         if self._handle is not None:
@@ -213,7 +249,8 @@ def raw_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
     Returns:
         dict[str, float]: ``image_AUROC``, ``pixel_AUROC``, ``PRO``, ``distinct_image_scores``,
         ``image_AUROC_by_defect`` (defect type -> AUROC of its images against every normal one) and, with
-        ``scale_scores``, ``image_AUROC_by_scale`` (one per feature scale, finest first).
+        ``scale_scores``, ``image_AUROC_by_scale`` (one per feature scale, finest first) and, with ``scorings``,
+        ``by_scoring``: scoring -> its ``image_AUROC``, ``pixel_AUROC`` and ``PRO``.
     """
     scores, labels, types = outputs["scores"], outputs["labels"], outputs["defect_types"]
     normal = labels == 0
@@ -230,6 +267,15 @@ def raw_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
     }
     if "scale_scores" in outputs:
         metrics["image_AUROC_by_scale"] = [auroc(column, labels) for column in outputs["scale_scores"].T]
+    if "scorings" in outputs:
+        metrics["by_scoring"] = {
+            name: {
+                "image_AUROC": auroc(scoring["scores"], labels),
+                "pixel_AUROC": auroc(scoring["maps"], outputs["masks"]),
+                "PRO": pro(scoring["maps"], outputs["masks"]),
+            }
+            for name, scoring in outputs["scorings"].items()
+        }
     return metrics
 
 

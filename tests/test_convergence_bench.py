@@ -15,6 +15,7 @@ from anomalib.metrics import AUPRO
 from sklearn.metrics import roc_auc_score
 
 from anomalib_gcaflow import GCAFlow
+from anomalib_gcaflow.model.anomaly_map import AnomalyMapGenerator
 from benchmarks import convergence
 from benchmarks.convergence_run import Settings, train_and_evaluate
 from benchmarks.data import defect_type
@@ -67,12 +68,26 @@ def test_breakdowns_per_defect_type_and_per_feature_scale() -> None:
     assert outputs["scale_scores"].shape == (4, 3)
     assert np.allclose(outputs["scale_scores"], torch.stack(expected, dim=1).double().numpy())
     assert not model.model.flow._forward_hooks
+    # Every scoring from the same latents; the model's own (msflow) is what it output; an untracked model has no
+    # standardised statistics, so that scoring is left out.
+    assert list(outputs["scorings"]) == ["msflow", "likelihood"]
+    assert np.array_equal(outputs["scorings"]["msflow"]["scores"], outputs["scores"])
+    assert np.array_equal(outputs["scorings"]["msflow"]["maps"], outputs["maps"])
+    likelihood_map, likelihood_score = AnomalyMapGenerator(image_score="likelihood", pixel_map="likelihood")(
+        latents, (64, 64)
+    )
+    assert np.allclose(outputs["scorings"]["likelihood"]["scores"], likelihood_score.double().numpy())
+    assert np.allclose(outputs["scorings"]["likelihood"]["maps"], likelihood_map[:, 0].double().numpy())
 
     # Under "standardized" scoring each scale is scored with its own statistics.
     model.model.train()(batch.image)
     generator = model.model.anomaly_map_generator
     generator.image_score = "standardized"
-    standardized = raw_outputs(model.eval(), [batch])["scale_scores"]
+    tracked = raw_outputs(model.eval(), [batch])
+    standardized = tracked["scale_scores"]
+    assert list(tracked["scorings"]) == ["msflow", "likelihood", "standardized"]
+    assert np.array_equal(tracked["scorings"]["standardized"]["scores"], tracked["scores"])
+    assert np.array_equal(tracked["scorings"]["msflow"]["maps"], tracked["maps"])
     with torch.no_grad():  # the training pass initialised the flow's ActNorms: new latents
         latents, _ = model.model.flow(model.model.extract_features(image))
     for index, z in enumerate(latents):
@@ -90,6 +105,13 @@ def test_breakdowns_per_defect_type_and_per_feature_scale() -> None:
         "hole": auroc(scores[[0, 2, 3]], np.array([0, 0, 1])),
     }
     assert metrics["image_AUROC_by_scale"] == [auroc(column, labels.numpy()) for column in outputs["scale_scores"].T]
+    likelihood = outputs["scorings"]["likelihood"]
+    assert metrics["by_scoring"]["likelihood"] == {
+        "image_AUROC": auroc(likelihood["scores"], labels.numpy()),
+        "pixel_AUROC": auroc(likelihood["maps"], outputs["masks"]),
+        "PRO": pro(likelihood["maps"], outputs["masks"]),
+    }
+    assert metrics["by_scoring"]["msflow"]["image_AUROC"] == metrics["image_AUROC"]
 
 
 def _settings(mvtec_root: Path, tmp_path: Path, *extra: str) -> Settings:
@@ -142,6 +164,11 @@ def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tm
                 if trained
                 else "image_AUROC_by_scale" not in point["metrics"]
             )
+            assert (
+                set(point["metrics"]["by_scoring"]) == {"msflow", "likelihood", "standardized"}
+                if trained
+                else "by_scoring" not in point["metrics"]
+            )
         if trained:
             first, last = record["points"]
             assert last["train_s"] > first["train_s"] and last["train_cpu_s"] > first["train_cpu_s"]
@@ -154,6 +181,7 @@ def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tm
     table = (tmp_path / "out" / "convergence.md").read_text()
     assert "| GCAFlow (paper defaults) | 2 | 1 |" in table
     assert "| model | epoch | broken_" in table and "| scale 3 |" in table
+    assert "| GCAFlow (paper defaults) | 2 | standardized |" in table
     assert (tmp_path / "out" / "convergence.png").read_bytes().startswith(b"\x89PNG")
 
     written = {path.name: path.stat().st_mtime_ns for path in runs}
