@@ -179,6 +179,14 @@ def test_ablation_override_lands_in_the_built_model(parse: Any, override: Path) 
         assert _built_value(model, key) == {value}, key
 
 
+def test_own_data_config_is_the_quickstart_recipe_but_for_the_map() -> None:
+    """The Magnetic Tile example trains as the quick start does and only swaps the map, as its comment says."""
+    own = yaml.safe_load((CONFIGS / "own_data_magnetic_tile.yaml").read_text())
+    quick = yaml.safe_load(QUICKSTART.read_text())
+    assert own["model"]["init_args"] == quick["model"]["init_args"] | {"pixel_map": "standardized"}
+    assert own["trainer"] == quick["trainer"] and own["seed_everything"] == quick["seed_everything"]
+
+
 def test_quickstart_config_is_the_offline_cpu_recipe(parse: Any) -> None:
     _, config = parse("--config", str(QUICKSTART))
     init_args = config.model.init_args
@@ -187,7 +195,7 @@ def test_quickstart_config_is_the_offline_cpu_recipe(parse: Any) -> None:
     assert list(init_args.image_size) == [256, 256]
     assert (init_args.lr, init_args.warmup_epochs, init_args.max_epochs) == (1e-3, 0, 5)
     assert init_args.feature_noise == 0.1  # against fitting the ~200 training images (convergence_parts)
-    assert (init_args.image_score, init_args.pixel_map) == ("likelihood", "msflow")  # convergence_scoring
+    assert (init_args.image_score, init_args.pixel_map) == ("standardized", "msflow")  # convergence_scorings
     assert config.trainer.max_epochs == 5
     assert config.trainer.enable_progress_bar is True
     assert config.data.class_path == "anomalib.data.MVTecAD"
