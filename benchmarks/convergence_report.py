@@ -126,6 +126,18 @@ def _cell(stats: dict[str, float | None], scale: float = 100.0, digits: int = 1)
     return text + (f" ± {scale * stats['std']:.{digits}f}" if stats["std"] is not None else "")
 
 
+def _metric_cells(stats: dict[str, Any]) -> str:
+    """The image AUROC, pixel AUROC and PRO cells of one table row, joined.
+
+    Args:
+        stats: Metric name -> ``{"mean", "std"}``.
+
+    Returns:
+        str: The cells.
+    """
+    return " | ".join(_cell(stats[metric]) for metric in METRICS)
+
+
 def write_markdown(summary: dict[str, Any], path: Path) -> None:
     """Write the table: per data set, model and evaluated epoch.
 
@@ -171,9 +183,8 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         ]
         for model, entries in models.items():
             lines += [
-                f"| {MODEL_LABELS[model]} | {e['epoch']} | {len(e['seeds'])} | "
-                + " | ".join(_cell(e[metric]) for metric in METRICS)
-                + f" | {_cell(e['train_s'], 1 / 60, 2)} | {_cell(e['train_cpu_s'], 1 / 60, 2)} | "
+                f"| {MODEL_LABELS[model]} | {e['epoch']} | {len(e['seeds'])} | {_metric_cells(e)}"
+                f" | {_cell(e['train_s'], 1 / 60, 2)} | {_cell(e['train_cpu_s'], 1 / 60, 2)} | "
                 f"{_cell(e['anomalib_test']['image_AUROC'])} |"
                 for e in entries
             ]
@@ -265,9 +276,7 @@ def _scoring_table(models: dict[str, list[dict[str, Any]]]) -> list[str]:
     ]
     for model, entry in last.items():
         lines += [
-            f"| {MODEL_LABELS[model]} | {entry['epoch']} | {name} | "
-            + " | ".join(_cell(stats[metric]) for metric in METRICS)
-            + " |"
+            f"| {MODEL_LABELS[model]} | {entry['epoch']} | {name} | {_metric_cells(stats)} |"
             for name, stats in entry["by_scoring"].items()
         ]
     return [*lines, ""]
