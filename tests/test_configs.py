@@ -198,6 +198,7 @@ def test_quickstart_config_is_the_offline_cpu_recipe(parse: Any) -> None:
     assert (init_args.image_score, init_args.pixel_map) == ("standardized", "msflow")  # convergence_scorings
     assert config.trainer.max_epochs == 5
     assert config.trainer.enable_progress_bar is True
+    assert [c.class_path for c in config.trainer.callbacks] == ["anomalib_gcaflow.toolkit.RetainFreedMemory"]
     assert config.data.class_path == "anomalib.data.MVTecAD"
     assert config.data.init_args.category == "bottle"
     assert (config.data.init_args.train_batch_size, config.data.init_args.num_workers) == (16, 2)

@@ -14,12 +14,16 @@ One call attaches the guards to any anomalib model, through anomalib's ``Engine`
 
 A model that keeps a :class:`FeatureCache` in its ``feature_cache`` attribute (as GCAFlow does) also stops re-reading
 the training images whose features are cached; other models are left alone by that callback.
+
+:class:`RetainFreedMemory` is opt-in (the quick-start config adds it): it changes how the whole process's C
+allocator returns memory, which a library should not do unasked.
 """
 
 from collections.abc import Sequence
 
 from lightning.pytorch import Callback
 
+from anomalib_gcaflow.toolkit.allocator import RetainFreedMemory, retain_freed_memory
 from anomalib_gcaflow.toolkit.callbacks import (
     DataCheck,
     DistributedEvaluation,
@@ -34,7 +38,9 @@ __all__ = [
     "DistributedEvaluation",
     "FeatureCache",
     "LastEpochCheckpoint",
+    "RetainFreedMemory",
     "SkipCachedImageReads",
+    "retain_freed_memory",
     "training_callbacks",
 ]
 
