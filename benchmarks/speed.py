@@ -19,6 +19,10 @@ Everything is measured in the same run, on the same offline backbone (``tf_effic
 * the RSS high-water mark (CUDA: peak allocated memory) of one training epoch at 512x512, batch 16, each
   configuration in a fresh Python process.
 
+``--retain-freed-memory`` runs every configuration, the fresh processes included, with the quick start's
+``RetainFreedMemory`` (glibc keeps freed memory instead of returning it to the kernel); without it, with glibc's
+default.
+
 The measurements live in modules other benchmarks reuse: ``rates`` (machine peak, inference timing, flow
 GFLOP/s), ``training_cost`` (epoch seconds, peak memory), ``flops``; ``speed_sections`` and ``speed_report`` hold
 this benchmark's sections and its Markdown.
@@ -42,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from lightning.pytorch import seed_everything
 
+from anomalib_gcaflow.toolkit import retain_freed_memory
 from benchmarks.environment import REPO_ROOT, environment
 from benchmarks.rates import machine_peak_gflops
 from benchmarks.records import write_json
@@ -78,6 +83,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=0, help="dataloader workers for the training epochs")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of every forward")
     parser.add_argument("--compile", action="store_true", help="also time the flow through torch.compile")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="keep freed memory in every measured process (anomalib_gcaflow.toolkit.RetainFreedMemory), for all models",
+    )
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     settings = parser.parse_args(argv)
@@ -116,6 +126,8 @@ def run(settings: argparse.Namespace) -> dict[str, Any]:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": settings.quick,
         "environment": environment(settings.device),
+        # Process-wide, so every configuration below runs with the same allocator behaviour.
+        "freed_memory_retained": settings.retain_freed_memory and retain_freed_memory(),
         "machine_peak": machine_peak_gflops(settings.device, settings.quick, settings.repeats),
         "section_seconds": {},
     }

@@ -48,6 +48,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"{env['torch_threads']} torch threads, {env['cpus_usable']} usable CPUs{gpu}; device {env['device']}; "
         f"backbone {BACKBONE}.",
         f"Versions: {versions}, python {env['python']}.",
+        "Freed memory: "
+        + (
+            "retained in every measured process (RetainFreedMemory)."
+            if results.get("freed_memory_retained")
+            else "returned to the kernel as glibc does by default."
+        ),
         "",
     ]
     if results["targets"]:

@@ -139,6 +139,7 @@ def memory_section(settings: argparse.Namespace) -> list[dict[str, Any]]:
             max_batches=settings.memory_batches,
             device=settings.device,
             quick=settings.quick,
+            retain_freed_memory=settings.retain_freed_memory,
         )
         for name in names
     ]

@@ -21,6 +21,7 @@ from anomalib.data import MVTecAD
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import Callback, Trainer, seed_everything
 
+from anomalib_gcaflow.toolkit import allocator
 from benchmarks.environment import REPO_ROOT
 from benchmarks.timing import EpochTimer
 
@@ -136,6 +137,7 @@ def training_memory(
     max_batches: int | None = None,
     device: str = "cpu",
     quick: bool = False,
+    retain_freed_memory: bool = False,
 ) -> dict[str, Any]:
     """Train one epoch on MVTec AD bottle in a fresh Python process and report its memory high-water marks.
 
@@ -151,6 +153,8 @@ def training_memory(
         max_batches (int | None, optional): Batches to train (``None``: the whole epoch). Defaults to ``None``.
         device (str, optional): ``"cpu"`` or ``"cuda"``. Defaults to ``"cpu"``.
         quick (bool, optional): One H-Flow block per scale. Defaults to ``False``.
+        retain_freed_memory (bool, optional): Apply ``anomalib_gcaflow.toolkit.retain_freed_memory`` in the child
+            first. Defaults to ``False``.
 
     Returns:
         dict[str, Any]: ``peak_mb`` (CPU: RSS high-water mark of the process; CUDA: peak allocated GPU memory),
@@ -169,6 +173,7 @@ def training_memory(
         "device": device,
         "quick": quick,
         "threads": torch.get_num_threads(),
+        "retain_freed_memory": retain_freed_memory,
     }
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.speed", "--memory-child", json.dumps(request)],
@@ -222,6 +227,8 @@ def rss_high_water_mb() -> float:
 def memory_child(request: dict[str, Any]) -> None:
     """Body of the child process of :func:`training_memory`: train, then print the result line."""
     torch.set_num_threads(request["threads"])
+    if request["retain_freed_memory"]:
+        allocator.retain_freed_memory()
     device = request["device"]
     module = build_module(request["model"], request["model_kwargs"], request["image_size"], request["quick"])
     datamodule = _bottle(Path(request["data_root"]), request["batch_size"], num_workers=0)

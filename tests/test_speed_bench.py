@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,12 @@ def test_quick_benchmark_runs_end_to_end_and_writes_valid_json(
     tmp_path: Path,
     mvtec_root: Path,
 ) -> None:
-    speed.main(["--quick", "--output-dir", str(tmp_path), "--data-root", str(mvtec_root)])
+    # With the allocator setting: it is process-wide, so every later test in this process runs with it too (a
+    # change of speed, never of a number; tests/test_allocator.py).
+    speed.main(["--quick", "--output-dir", str(tmp_path), "--data-root", str(mvtec_root), "--retain-freed-memory"])
     results = json.loads((tmp_path / "speed.json").read_text())
     assert results["quick"] is True
+    assert results["freed_memory_retained"] is (platform.libc_ver()[0] == "glibc")
     assert results["machine_peak"]["gflops"] > 0
     assert {row["dtype"] for row in results["flow"]["rows"]} == {"fp32", "autocast bfloat16"}
     assert results["flow"]["gflop_per_image"]["flow_unfolded"] > results["flow"]["gflop_per_image"]["flow_folded"] > 0
@@ -54,6 +58,7 @@ def test_quick_benchmark_runs_end_to_end_and_writes_valid_json(
     markdown = (tmp_path / "speed.md").read_text()
     assert "## Targets" in markdown
     assert "## Training seconds per epoch" in markdown
+    assert ("Freed memory: retained" in markdown) is results["freed_memory_retained"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
