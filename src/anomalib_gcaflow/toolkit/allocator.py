@@ -3,12 +3,13 @@
 glibc's ``malloc`` serves large requests (from 128 KiB, a threshold it raises up to 32 MiB as it goes) with fresh
 ``mmap`` regions and returns them to the kernel on ``free``; it also trims the top of its heap once more than twice
 that threshold is free. A CPU training step allocates its activations anew every step, so every step the kernel
-hands the same memory back page by page, zeroing each 4 KiB page on its first touch. Measured on GCAFlow's quick
-start (Lite0 features, batch 16, 2 cores): 1,600-4,500 page faults per flow step, and a GELU on a 20 MB activation
-taking 6 ms instead of 2 ms. Raising both thresholds to 1 GiB makes ``free`` keep the memory for the next step:
-about 150 faults per step, later epochs 6.2 -> 5.1 s and the first (backbone) epoch 15 -> 10 s, with the same peak
-RSS (1.37 GB for the flow step alone, before and after; ``benchmarks/results/speed_allocator/``). Other models gain
-as much or more (Fastflow, which runs its backbone every step: 17.5 -> 11.9 s per epoch).
+hands the same memory back page by page, zeroing each 4 KiB page on its first touch: 1,600-4,500 page faults per
+step of GCAFlow's flow alone (Lite0 features, batch 16), about 150 with both thresholds at 1 GiB, at the same peak
+RSS (1.37 GB). Measured on 2 cores of an AMD EPYC (``benchmarks/results/speed_allocator/``, one run per setting):
+epochs that run the backbone gain most, GCAFlow's first epoch 17.1 -> 13.3 s, GCAFlow without its feature cache
+14.8 -> 10.7 s, Fastflow 17.7 -> 12.6 s; epochs that only run GCAFlow's flow on cached features did not change
+beyond this machine's run-to-run noise (interleaved repeats: medians 7.2 against 7.5 s). The quick start's
+``anomalib train`` took 104 s with it and 120 s without, with identical AUROCs.
 
 What it costs: the process's memory no longer shrinks after a peak (it is reused, not returned), which is what a
 training or test process wants and a long-lived server with one large peak may not. The setting is process-wide
