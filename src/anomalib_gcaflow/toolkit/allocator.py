@@ -44,7 +44,8 @@ def retain_freed_memory(threshold_bytes: int = DEFAULT_RETAINED_BYTES) -> bool:
             when more than this much is free at its top. Defaults to 1 GiB.
 
     Returns:
-        bool: ``True`` if glibc accepted both settings, ``False`` where the C library is not glibc (nothing changed).
+        bool: ``True`` if glibc accepted both settings; ``False`` where the C library is not glibc (nothing changed)
+        or glibc rejected a setting (logged as a warning).
 
     Raises:
         ValueError: If ``threshold_bytes`` is not a positive int that fits a C ``int``.
