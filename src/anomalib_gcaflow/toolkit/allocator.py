@@ -55,9 +55,10 @@ def retain_freed_memory(threshold_bytes: int = DEFAULT_RETAINED_BYTES) -> bool:
         logger.info("Freed memory is returned as usual: the C library here is not glibc.")
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    accepted = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes),
-    )
+    # Both are set even if one is refused: each keeps some memory on its own.
+    mmap_accepted = libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
+    trim_accepted = libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes)
+    accepted = bool(mmap_accepted and trim_accepted)
     if not accepted:
         logger.warning(
             "glibc rejected mallopt(%d bytes); freed memory may still be returned to the kernel.", threshold_bytes
