@@ -86,8 +86,9 @@ class TrainingClock(Callback):
     """Cumulative wall-clock and CPU seconds of a fit, without validation and without what runs under :meth:`paused`.
 
     The clock starts when training starts and runs through everything a training epoch costs (batches, optimiser
-    and scheduler steps, callbacks, data-loader start-up); Lightning's validation loops and the intervals under
-    :meth:`paused` (the benchmarks' own evaluations) are excluded. CPU seconds include finished data-loader workers.
+    and scheduler steps, callbacks, data-loader start-up, and a memory-bank model's fit, which anomalib runs when
+    validation starts); Lightning's validation epochs and the intervals under :meth:`paused` (the benchmarks' own
+    evaluations) are excluded. CPU seconds include finished data-loader workers.
 
     Args:
         device: ``"cpu"`` or ``"cuda"``.
@@ -159,8 +160,12 @@ class TrainingClock(Callback):
         del trainer, pl_module
         self._stop()
 
-    def on_validation_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
         """Pause during validation (anomalib's thresholds and normalisation, not training).
+
+        Not at ``on_validation_start``: anomalib's memory-bank models (PatchCore's coreset selection, PaDiM's
+        Gaussian fit) fit in their own ``on_validation_start``, which Lightning calls after the callbacks' one.
+        That fit is their training, and the clock keeps running through it.
 
         Args:
             trainer: The trainer.
