@@ -30,7 +30,7 @@ from lightning.pytorch import Callback, Trainer
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader
 
-from anomalib_gcaflow.model.anomaly_map import SCORINGS, AnomalyMapGenerator
+from anomalib_gcaflow.model.anomaly_map import SCORINGS, TRACKED_SCORINGS, AnomalyMapGenerator
 from benchmarks.data import defect_type
 from benchmarks.rates import autocast_context
 from benchmarks.timing import TrainingClock, cpu_seconds
@@ -214,7 +214,7 @@ class _LatentRecorder:
     def scorings(self, image_size: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Map and image score of the last batch under each scoring the generator offers.
 
-        ``"standardized"`` is left out for a model whose statistics were never tracked.
+        The scorings that read tracked statistics are left out for a model whose statistics were never tracked.
 
         Args:
             image_size: ``(H, W)`` of the input.
@@ -224,7 +224,7 @@ class _LatentRecorder:
         """
         results = {}
         for name in SCORINGS:
-            if name == "standardized" and int(self.generator.num_batches_tracked) == 0:
+            if name in TRACKED_SCORINGS and int(self.generator.num_batches_tracked) == 0:
                 continue
             generator = AnomalyMapGenerator(
                 self.generator.top_k, image_score=name, pixel_map=name, num_scales=self.generator.running_mean.numel()

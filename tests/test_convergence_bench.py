@@ -69,7 +69,7 @@ def test_breakdowns_per_defect_type_and_per_feature_scale() -> None:
     assert np.allclose(outputs["scale_scores"], torch.stack(expected, dim=1).double().numpy())
     assert not model.model.flow._forward_hooks
     # Every scoring from the same latents; the model's own (msflow) is what it output; an untracked model has no
-    # standardised statistics, so that scoring is left out.
+    # standardised statistics, so the scorings that read them are left out.
     assert list(outputs["scorings"]) == ["msflow", "likelihood"]
     assert np.array_equal(outputs["scorings"]["msflow"]["scores"], outputs["scores"])
     assert np.array_equal(outputs["scorings"]["msflow"]["maps"], outputs["maps"])
@@ -85,7 +85,7 @@ def test_breakdowns_per_defect_type_and_per_feature_scale() -> None:
     generator.image_score = "standardized"
     tracked = raw_outputs(model.eval(), [batch])
     standardized = tracked["scale_scores"]
-    assert list(tracked["scorings"]) == ["msflow", "likelihood", "standardized"]
+    assert list(tracked["scorings"]) == ["msflow", "likelihood", "standardized", "bounded"]
     assert np.array_equal(tracked["scorings"]["standardized"]["scores"], tracked["scores"])
     assert np.array_equal(tracked["scorings"]["msflow"]["maps"], tracked["maps"])
     with torch.no_grad():  # the training pass initialised the flow's ActNorms: new latents
@@ -165,7 +165,7 @@ def test_tiny_study_records_resume_and_identical_trajectory(mvtec_root: Path, tm
                 else "image_AUROC_by_scale" not in point["metrics"]
             )
             assert (
-                set(point["metrics"]["by_scoring"]) == {"msflow", "likelihood", "standardized"}
+                set(point["metrics"]["by_scoring"]) == {"msflow", "likelihood", "standardized", "bounded"}
                 if trained
                 else "by_scoring" not in point["metrics"]
             )

@@ -170,14 +170,14 @@ def test_cli_onnx_export_matches_torch_on_real_images(
     _assert_matches(outputs, reference, "onnxruntime")
 
 
-@pytest.mark.parametrize("scoring", ["likelihood", "standardized"])
+@pytest.mark.parametrize("scoring", ["likelihood", "standardized", "bounded"])
 def test_onnx_export_of_the_likelihood_scorings_matches_torch(
     trained: tuple[GCAFlow, Path],
     images: torch.Tensor,
     tmp_path: Path,
     scoring: str,
 ) -> None:
-    """The absolute-likelihood scores and maps, plain and standardised per scale, export and run like the paper's."""
+    """The absolute-likelihood scores and maps (plain, standardised, bounded per scale) export like the paper's."""
     model = copy.deepcopy(trained[0])
     assert int(model.model.anomaly_map_generator.num_batches_tracked) > 0
     model.model.anomaly_map_generator.image_score = scoring

@@ -148,6 +148,53 @@ def test_standardized_scoring_puts_each_scale_in_units_of_its_training_spread() 
     assert torch.equal(generator([z[:3] for z in latents], SIZE)[1], score[:3])
 
 
+def test_bounded_scoring_bounds_each_scale_of_the_standardized_one() -> None:
+    generator = AnomalyMapGenerator(image_score="bounded", pixel_map="bounded").double()
+    latents = _latents(spread=2.0)
+    with pytest.raises(ValueError, match="'bounded' scoring needs each scale's log-likelihood statistics"):
+        generator(latents, SIZE)
+    generator.track(_latents(spread=2.0, seed=3))
+
+    def bounded_terms(latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        terms = []
+        for i, z in enumerate(latents):
+            halved = (-0.5 * z.square().mean(1, keepdim=True) - generator.running_mean[i]) / (
+                2 * (generator.running_var[i] + 1e-6).sqrt()
+            )
+            terms.append(F.interpolate(halved / (1 + halved.abs()), size=SIZE, mode="bilinear", align_corners=True))
+        return terms
+
+    anomaly_map, score = generator(latents, SIZE)
+    expected = sum(bounded_terms(latents))
+    assert torch.allclose(anomaly_map, -expected, rtol=1e-12, atol=1e-12)
+    k = int(0.03 * SIZE[0] * SIZE[1])
+    least_likely = expected.flatten(1).sort(dim=1).values[:, :k]
+    assert torch.allclose(score, -least_likely.exp().mean(1).log(), rtol=1e-9, atol=0)
+    # However unlikely a pixel is at one scale, that scale adds less than 1 to its value: the standardised map of
+    # the same latents, scaled up 30x, reaches thousands of standard deviations.
+    extreme = [30 * z for z in latents]
+    assert generator(extreme, SIZE)[0].abs().max() < len(latents)
+    standardized = AnomalyMapGenerator(pixel_map="standardized").double()
+    standardized.load_state_dict(generator.state_dict())
+    assert standardized(extreme, SIZE)[0].abs().max() > 1000
+
+
+def test_bounded_map_orders_one_scale_as_the_standardized_map_and_keeps_fp32_values_apart() -> None:
+    # One scale at the input's resolution, so the upsampling is the identity and only the bound acts. Its pixels
+    # reach a few hundred standard deviations below normal, where a logistic or Gaussian bound is flat in fp32.
+    torch.manual_seed(0)
+    generator = AnomalyMapGenerator(pixel_map="bounded", num_scales=1)
+    generator.track([torch.randn(4, 8, 16, 16)])
+    latent = torch.randn(1, 8, 16, 16) * torch.logspace(0, 1, 256).reshape(1, 1, 16, 16)
+    bounded = generator([latent], (16, 16))[0].flatten()
+    generator.pixel_map = "standardized"
+    standardized = generator([latent], (16, 16))[0].flatten()
+    assert standardized.max() > 200
+    assert torch.equal(bounded.argsort(), standardized.argsort())
+    assert len(bounded.unique()) == len(standardized.unique()) == 256
+    assert len(torch.sigmoid(standardized / 2).unique()) < 256
+
+
 def test_training_tracks_the_statistics_and_old_checkpoints_still_load() -> None:
     model = GCAFlow(backbone="tf_efficientnet_lite0", pre_trained=False, image_size=(64, 64), depths=(1, 1, 1))
     generator = model.model.anomaly_map_generator
@@ -169,7 +216,7 @@ def test_training_tracks_the_statistics_and_old_checkpoints_still_load() -> None
 @pytest.mark.parametrize("option", ["image_score", "pixel_map"])
 def test_scoring_options_are_validated_and_reach_the_generator(option: str) -> None:
     with pytest.raises(
-        ValueError, match=rf"{option} must be one of \['msflow', 'likelihood', 'standardized'\], got 'nll'"
+        ValueError, match=rf"{option} must be one of \['msflow', 'likelihood', 'standardized', 'bounded'\], got 'nll'"
     ):
         AnomalyMapGenerator(**{option: "nll"})
     model = GCAFlow(

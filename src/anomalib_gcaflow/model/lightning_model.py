@@ -85,10 +85,13 @@ class GCAFlow(AnomalibModule):
             likely pixel; ``"likelihood"``: the soft minimum of the log-likelihood over the ``top_k`` least likely
             pixels, comparable across images (ties on bottle, better on Magnetic Tile; the quick start's);
             ``"standardized"``: the same over the sum of each scale's log-likelihood in units of its spread over
-            the training data (statistics tracked while training). Defaults to ``"msflow"``.
+            the training data (statistics tracked while training); ``"bounded"``: the same with each scale's
+            standardised value bounded to (-1, 1) before the sum. Defaults to ``"msflow"``.
         pixel_map (str, optional): ``"msflow"``: the paper's additive map of per-image normalised likelihoods;
             ``"likelihood"``: each pixel's negative log-likelihood (better on Magnetic Tile, worse on bottle);
-            ``"standardized"``: its per-scale standardised form, as for ``image_score``. Defaults to ``"msflow"``.
+            ``"standardized"``: its per-scale standardised form, as for ``image_score``; ``"bounded"``: that form with
+            each scale's term bounded, so no one scale's extreme values dominate (better than both on bottle, close
+            to ``"standardized"`` on Magnetic Tile). Defaults to ``"msflow"``.
         feature_noise (float, optional): Gaussian noise added to the flow's training features, as a fraction of
             each channel's standard deviation (a smoothing regulariser); ``0`` adds none. Defaults to ``0.0``.
         lr (float, optional): Adam learning rate. Defaults to 1e-4.

@@ -38,9 +38,10 @@ class GCAFlowModel(nn.Module):
             built from ``flow_options``.
         top_k (float, optional): Fraction of pixels in the image score. Defaults to 0.03.
         image_score (str, optional): ``"msflow"`` (the paper's, normalised by the image's most likely pixel),
-            ``"likelihood"`` (absolute) or ``"standardized"`` (each scale in units of its spread over the training
-            data); see :class:`AnomalyMapGenerator`. Defaults to ``"msflow"``.
-        pixel_map (str, optional): ``"msflow"``, ``"likelihood"`` or ``"standardized"``, likewise.
+            ``"likelihood"`` (absolute), ``"standardized"`` (each scale in units of its spread over the training
+            data) or ``"bounded"`` (each standardised scale bounded before the sum); see
+            :class:`AnomalyMapGenerator`. Defaults to ``"msflow"``.
+        pixel_map (str, optional): ``"msflow"``, ``"likelihood"``, ``"standardized"`` or ``"bounded"``, likewise.
             Defaults to ``"msflow"``.
         feature_noise (float, optional): Standard deviation of Gaussian noise added to the flow's input features in
             training mode, as a fraction of each channel's standard deviation in the batch; ``0`` adds none.
