@@ -187,6 +187,16 @@ def test_own_data_config_is_the_quickstart_recipe_but_for_the_map() -> None:
     assert own["trainer"] == quick["trainer"] and own["seed_everything"] == quick["seed_everything"]
 
 
+def test_cpu_recipe_is_the_quickstart_trained_longer_with_more_noise_and_the_bounded_map() -> None:
+    """configs/cpu_recipe.yaml changes exactly what its comment names (convergence_noise03, convergence_bounded)."""
+    recipe = yaml.safe_load((CONFIGS / "cpu_recipe.yaml").read_text())
+    quick = yaml.safe_load(QUICKSTART.read_text())
+    changes = {"max_epochs": 20, "feature_noise": 0.3, "pixel_map": "bounded"}
+    assert recipe["model"]["init_args"] == quick["model"]["init_args"] | changes
+    assert recipe["trainer"] == quick["trainer"] | {"max_epochs": 20}
+    assert recipe["data"] == quick["data"] and recipe["seed_everything"] == quick["seed_everything"]
+
+
 def test_quickstart_config_is_the_offline_cpu_recipe(parse: Any) -> None:
     _, config = parse("--config", str(QUICKSTART))
     init_args = config.model.init_args
