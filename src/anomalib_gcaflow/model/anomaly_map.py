@@ -50,11 +50,19 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 SCORINGS = ("msflow", "likelihood", "standardized", "bounded")
-# The scorings that read the per-scale statistics tracked while training.
-TRACKED_SCORINGS = ("standardized", "bounded")
 BOUNDED_HALF_SATURATION = 2.0
 STATISTICS_MOMENTUM = 0.1
 STATISTICS_EPS = 1e-6
+
+
+def _bounded(standardized: torch.Tensor) -> torch.Tensor:
+    halved = standardized / BOUNDED_HALF_SATURATION
+    return halved / (1 + halved.abs())
+
+
+# The scorings that read the per-scale statistics tracked while training: what each makes of a scale's standardised
+# log-likelihood before the scales are summed.
+TRACKED_SCORINGS = {"standardized": lambda standardized: standardized, "bounded": _bounded}
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -176,16 +184,16 @@ class AnomalyMapGenerator(nn.Module):
             sums["additive"] = 0.0
         if self.image_score not in TRACKED_SCORINGS or self.pixel_map == "likelihood":
             sums["likelihood"] = 0.0
-        for tracked in dict.fromkeys(name for name in (self.image_score, self.pixel_map) if name in TRACKED_SCORINGS):
-            # A tracing export cannot branch on a buffer's value; the check has run in eager mode by then.
-            if not _tracing() and int(self.num_batches_tracked) == 0:
-                msg = (
-                    f"{tracked!r} scoring needs each scale's log-likelihood statistics, tracked while training; "
-                    "this model has none (never trained, or trained before they were tracked). Train it, or score "
-                    "with 'likelihood'."
-                )
-                raise ValueError(msg)
-            sums[tracked] = 0.0
+        tracked = list(dict.fromkeys(name for name in (self.image_score, self.pixel_map) if name in TRACKED_SCORINGS))
+        # A tracing export cannot branch on a buffer's value; the check has run in eager mode by then.
+        if tracked and not _tracing() and int(self.num_batches_tracked) == 0:
+            msg = (
+                f"{tracked[0]!r} scoring needs each scale's log-likelihood statistics, tracked while training; "
+                "this model has none (never trained, or trained before they were tracked). Train it, or score "
+                "with 'likelihood'."
+            )
+            raise ValueError(msg)
+        sums |= dict.fromkeys(tracked, 0.0)
         for index, z in zip(range(len(latents)) if scales is None else scales, latents, strict=True):
             log_likelihood = _log_likelihood(z)
             if "additive" in sums:
@@ -193,15 +201,12 @@ class AnomalyMapGenerator(nn.Module):
                 sums["additive"] = sums["additive"] + _upsample(likelihood, size)
             if "likelihood" in sums:
                 sums["likelihood"] = sums["likelihood"] + _upsample(log_likelihood, size)
-            if "standardized" in sums or "bounded" in sums:
+            if tracked:
                 standardized = (log_likelihood - self.running_mean[index]) * torch.rsqrt(
                     self.running_var[index] + STATISTICS_EPS
                 )
-                if "standardized" in sums:
-                    sums["standardized"] = sums["standardized"] + _upsample(standardized, size)
-                if "bounded" in sums:
-                    halved = standardized / BOUNDED_HALF_SATURATION
-                    sums["bounded"] = sums["bounded"] + _upsample(halved / (1 + halved.abs()), size)
+            for name in tracked:
+                sums[name] = sums[name] + _upsample(TRACKED_SCORINGS[name](standardized), size)
         if self.pixel_map == "msflow":
             anomaly_map = sums["additive"].amax(dim=(2, 3), keepdim=True) - sums["additive"]
         else:
