@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from anomalib_gcaflow.model.flow.tracing import is_exporting
+
 SCORINGS = ("msflow", "likelihood", "standardized", "bounded")
 BOUNDED_HALF_SATURATION = 2.0
 STATISTICS_MOMENTUM = 0.1
@@ -232,7 +234,7 @@ class AnomalyMapGenerator(nn.Module):
 
 def _tracing() -> bool:
     """Whether the forward pass is being traced (torch.compile, torch.export, ONNX or TorchScript tracing)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_compiling() or is_exporting()
 
 
 def _log_likelihood(z: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from anomalib_gcaflow.model.flow.attention import build_channel_attention
 from anomalib_gcaflow.model.flow.invertible import ShapePreservingModule
+from anomalib_gcaflow.model.flow.lean_backward import clamp_latents
 from anomalib_gcaflow.model.flow.norm import ChannelLayerNorm
 from anomalib_gcaflow.model.flow.reduction import sum_per_sample
 
@@ -138,8 +139,7 @@ class FusionAttnFlow(ShapePreservingModule):
             first, log_det_p = self._couple(first, self.subnet_p(second), rev=False)
             second, log_det_q = self._couple(second, self.subnet_q(first), rev=False)
             outputs = tuple(
-                torch.cat(halves, dim=1).clamp(-LATENT_LIMIT, LATENT_LIMIT)
-                for halves in zip(first, second, strict=True)
+                clamp_latents(torch.cat(halves, dim=1), LATENT_LIMIT) for halves in zip(first, second, strict=True)
             )
         else:
             second, log_det_q = self._couple(second, self.subnet_q(first), rev=True)

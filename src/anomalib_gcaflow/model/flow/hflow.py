@@ -4,7 +4,8 @@ The block's math is the vendored FrEIA 0.2 block that MSFlow ran (log-scale ``cl
 its steps are recomputed here in a cheaper but identical way:
 
 * the fixed channel permutation, stored by the block as a dense C x C matrix and applied as a 1x1 convolution
-  (C^2 multiply-adds per pixel), is applied as an index gather, which gives the same numbers;
+  (C^2 multiply-adds per pixel), is applied as an index gather, which gives the same numbers (and so is its
+  gradient, see :func:`permute_channels`);
 * the log-determinant is summed in fp32 even under autocast.
 
 The block's two permutation matrices (``w_perm``, ``w_perm_inv``) are fixed state, not learned, so they are kept
@@ -22,6 +23,7 @@ import torch
 from anomalib.models.components.flow import AllInOneBlock
 from torch import nn
 
+from anomalib_gcaflow.model.flow.lean_backward import permute_channels
 from anomalib_gcaflow.model.flow.reduction import sum_per_sample
 
 
@@ -63,8 +65,8 @@ class HFlowBlock(AllInOneBlock):
         scale = self.global_scale_activation(self.global_scale)
         log_scale = torch.log(scale).sum(dtype=torch.promote_types(scale.dtype, torch.float32))
         if rev:
-            return (x[:, self.inverse] - self.global_offset) / scale, log_scale
-        return (x * scale + self.global_offset)[:, self.permutation], log_scale
+            return (permute_channels(x, self.inverse, self.permutation) - self.global_offset) / scale, log_scale
+        return permute_channels(x * scale + self.global_offset, self.permutation, self.inverse), log_scale
 
     def _affine(self, x: torch.Tensor, a: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         a = 0.1 * a

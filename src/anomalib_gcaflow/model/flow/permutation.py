@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import torch
 
 from anomalib_gcaflow.model.flow.invertible import ShapePreservingModule
+from anomalib_gcaflow.model.flow.lean_backward import permute_channels
 
 
 class ChannelPermutation(ShapePreservingModule):
@@ -39,5 +40,5 @@ class ChannelPermutation(ShapePreservingModule):
             tuple[tuple[torch.Tensor], float]: The permuted tensor and a log-determinant of 0.
         """
         del c, jac
-        index = self.inverse if rev else self.permutation
-        return (x[0][:, index],), 0.0
+        index, inverse = (self.inverse, self.permutation) if rev else (self.permutation, self.inverse)
+        return (permute_channels(x[0], index, inverse),), 0.0

@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from anomalib_gcaflow.model.flow.positional import positional_encoding_2d
+from anomalib_gcaflow.model.flow.tracing import is_exporting
 
 
 class PositionalConv2d(nn.Module):
@@ -80,7 +81,7 @@ class PositionalConv2d(nn.Module):
         Returns:
             torch.Tensor: Tensor of shape ``(1, out_channels, H, W)``.
         """
-        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _is_exporting()
+        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not is_exporting()
         key = (tuple(x.shape[-2:]), x.device, x.dtype)
         if reusable and self._cached_response is not None:
             cached_key, weight, bias, response = self._cached_response
@@ -107,11 +108,6 @@ class PositionalConv2d(nn.Module):
         encoding = self.positional_encoding(x).expand(x.shape[0], -1, -1, -1)
         weight = torch.cat((self.weight_x, self.weight_pos), dim=1)
         return F.conv2d(torch.cat((x, encoding), dim=1), weight, self.bias, padding=self.padding)
-
-
-def _is_exporting() -> bool:
-    """Tell whether a graph is being traced for export, where a cached tensor must not leak into the graph."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def _equal(snapshot: torch.Tensor, current: torch.Tensor) -> bool:
