@@ -20,6 +20,10 @@ def test_quick_paper_scale_run_is_consistent(tmp_path: Path) -> None:
         "1",
     ])
     results = paper_scale.run(settings)
+    # Off unless asked for: the setting is process-wide and would outlive this test.
+    assert results["freed_memory_retained"] is False
+    assert "glibc's default allocator" in (tmp_path / "paper_scale.md").read_text()
+    assert paper_scale.parse_args(["--retain-freed-memory"]).retain_freed_memory
     assert json.loads((tmp_path / "paper_scale.json").read_text())["models"].keys() == set(paper_scale.MODELS)
     assert "## Flow" in (tmp_path / "paper_scale.md").read_text()
     peaks = results["machine_peak"]["peak_by_precision"]
