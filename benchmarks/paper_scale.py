@@ -21,7 +21,8 @@ after the 2x pooling). In the same run it measures:
 
 ``--retain-freed-memory`` runs it, the compile processes included, with the configs' ``RetainFreedMemory``: at this
 scale glibc's default returns every step's gigabytes of activations to the kernel and the next step page-faults them
-back (about 850,000 faults in the first bf16 step on an AMX Xeon, none from the fourth step on with the setting).
+back (on an AMX Xeon with the setting: 857,000 faults in the first bf16 step, as the heap grows, none from the
+fourth step on; five steps 12.7 to 6.1 s, against 17.3 to 8.2 s without it).
 """
 
 from __future__ import annotations
