@@ -63,7 +63,12 @@ def test_flow_gradients_are_bitwise_those_of_plain_torch(monkeypatch: pytest.Mon
         loss.backward()
         return loss.detach(), {name: p.grad for name, p in flow.named_parameters()}
 
+    decisions: list[bool] = []
+    decide = lean_backward._lean
+    monkeypatch.setattr(lean_backward, "_lean", lambda x: decisions.append(decide(x)) or decisions[-1])
     lean_loss, lean_grads = step()
+    # Both shortcuts ran: 4 block permutations, 3 scale permutations, 3 clamps.
+    assert decisions == [True] * 10
     monkeypatch.setattr(lean_backward, "_lean", lambda x: False)
     plain_loss, plain_grads = step()
     assert torch.equal(lean_loss, plain_loss)

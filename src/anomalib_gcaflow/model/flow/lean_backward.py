@@ -8,7 +8,8 @@ multiplies fast (AMX, avx512_bf16): every extra pass over a ``(16, 256, 64, 64)`
   channel's gradient, so gathering the gradient by the inverse permutation gives the same numbers in one pass.
 * ``clamp`` saves its input and builds two comparison masks in backward. When every element lies strictly inside
   the bounds (always, for the flow's far-away latent limit on finite inputs), its gradient is the incoming gradient
-  unchanged; one ``aminmax`` pass in forward decides that, and only otherwise is the mask built.
+  unchanged; one ``aminmax`` pass in forward decides that, and only otherwise is the mask built. On a GPU the
+  decision reads two numbers back to the host, once per scale and training step.
 
 Neither shortcut is taken where no gradient is needed, under ``torch.compile`` or while a graph is traced for
 export (see :mod:`tracing`).
