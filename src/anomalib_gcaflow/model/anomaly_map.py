@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from anomalib_gcaflow.model.flow.tracing import is_exporting
+from anomalib_gcaflow.model.flow.tracing import is_tracing
 
 SCORINGS = ("msflow", "likelihood", "standardized", "bounded")
 BOUNDED_HALF_SATURATION = 2.0
@@ -188,7 +188,7 @@ class AnomalyMapGenerator(nn.Module):
             sums["likelihood"] = 0.0
         tracked = list(dict.fromkeys(name for name in (self.image_score, self.pixel_map) if name in TRACKED_SCORINGS))
         # A tracing export cannot branch on a buffer's value; the check has run in eager mode by then.
-        if tracked and not _tracing() and int(self.num_batches_tracked) == 0:
+        if tracked and not is_tracing() and int(self.num_batches_tracked) == 0:
             msg = (
                 f"{tracked[0]!r} scoring needs each scale's log-likelihood statistics, tracked while training; "
                 "this model has none (never trained, or trained before they were tracked). Train it, or score "
@@ -207,8 +207,8 @@ class AnomalyMapGenerator(nn.Module):
                 standardized = (log_likelihood - self.running_mean[index]) * torch.rsqrt(
                     self.running_var[index] + STATISTICS_EPS
                 )
-            for name in tracked:
-                sums[name] = sums[name] + _upsample(TRACKED_SCORINGS[name](standardized), size)
+                for name in tracked:
+                    sums[name] = sums[name] + _upsample(TRACKED_SCORINGS[name](standardized), size)
         if self.pixel_map == "msflow":
             anomaly_map = sums["additive"].amax(dim=(2, 3), keepdim=True) - sums["additive"]
         else:
@@ -230,11 +230,6 @@ class AnomalyMapGenerator(nn.Module):
         for name in missing:
             state_dict[prefix + name] = getattr(self, name).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _tracing() -> bool:
-    """Whether the forward pass is being traced (torch.compile, torch.export, ONNX or TorchScript tracing)."""
-    return torch.compiler.is_compiling() or is_exporting()
 
 
 def _log_likelihood(z: torch.Tensor) -> torch.Tensor:

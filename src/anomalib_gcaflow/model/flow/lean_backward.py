@@ -11,13 +11,13 @@ multiplies fast (AMX, avx512_bf16): every extra pass over a ``(16, 256, 64, 64)`
   unchanged; one ``aminmax`` pass in forward decides that, and only otherwise is the mask built. On a GPU the
   decision reads two numbers back to the host, once per scale and training step.
 
-Neither shortcut is taken where no gradient is needed, under ``torch.compile`` or while a graph is traced for
-export (see :mod:`tracing`).
+Neither shortcut is taken where no gradient is needed, or while ``torch.compile`` or an exporter traces the graph
+(see :mod:`tracing`).
 """
 
 import torch
 
-from anomalib_gcaflow.model.flow.tracing import is_exporting
+from anomalib_gcaflow.model.flow.tracing import is_tracing
 
 
 class _PermuteChannels(torch.autograd.Function):
@@ -51,7 +51,7 @@ class _ClampLatents(torch.autograd.Function):
 
 def _lean(x: torch.Tensor) -> bool:
     # torch.compile differentiates the plain operations itself, fused with their neighbours.
-    return x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not is_exporting()
+    return x.requires_grad and torch.is_grad_enabled() and not is_tracing()
 
 
 def permute_channels(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

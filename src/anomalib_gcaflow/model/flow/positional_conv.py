@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from anomalib_gcaflow.model.flow.positional import positional_encoding_2d
-from anomalib_gcaflow.model.flow.tracing import is_exporting
+from anomalib_gcaflow.model.flow.tracing import is_tracing
 
 
 class PositionalConv2d(nn.Module):
@@ -81,7 +81,7 @@ class PositionalConv2d(nn.Module):
         Returns:
             torch.Tensor: Tensor of shape ``(1, out_channels, H, W)``.
         """
-        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not is_exporting()
+        reusable = not torch.is_grad_enabled() and not is_tracing()
         key = (tuple(x.shape[-2:]), x.device, x.dtype)
         if reusable and self._cached_response is not None:
             cached_key, weight, bias, response = self._cached_response
