@@ -61,6 +61,12 @@ _VARIANTS = (
         {"subnet": "msflow"},
         in_accuracy_grid=False,
     ),
+    Variant(
+        "gcaflow_coarse_msflow",
+        "GCAFlow, MSFlow's subnet on the coarsest scale",
+        {"subnet": ("hierarchical", "hierarchical", "msflow")},
+        in_accuracy_grid=False,
+    ),
     Variant("gcaflow_se", "GCAFlow, SE attention", {"attention": "se"}, ("attention_se.yaml",)),
     Variant("gcaflow_eca", "GCAFlow, ECA attention", {"attention": "eca"}, ("attention_eca.yaml",)),
     Variant("gcaflow_noattn", "GCAFlow, no attention (H-Flow only)", {"attention": "none"}, ("attention_none.yaml",)),

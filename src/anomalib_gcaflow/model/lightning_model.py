@@ -76,7 +76,9 @@ class GCAFlow(AnomalibModule):
         expansion (int, optional): H-Flow subnet expansion alpha (1-4). Defaults to 4.
         attention (str, optional): Fusion attention: ``"gca"``, ``"eca"``, ``"se"``, ``"none"``.
             Defaults to ``"gca"``.
-        subnet (str, optional): ``"hierarchical"`` (H-Flow) or ``"msflow"``. Defaults to ``"hierarchical"``.
+        subnet (str | Sequence[str], optional): ``"hierarchical"`` (H-Flow) or ``"msflow"``, for every scale or one
+            per scale, finest first: ``[hierarchical, hierarchical, msflow]`` keeps H-Flow where the features are
+            fine and gives the coarsest scale MSFlow's subnet. Defaults to ``"hierarchical"``.
         pos_embed_dim (int, optional): Positional-encoding channels. Defaults to 64.
         clamp (float, optional): Coupling log-scale bound. Defaults to 1.9.
         activation (str, optional): H-Flow subnet activation, ``"gelu"`` or ``"relu"``. Defaults to ``"gelu"``.
@@ -139,7 +141,7 @@ class GCAFlow(AnomalibModule):
         kernel_size: int = 5,
         expansion: int = 4,
         attention: str = "gca",
-        subnet: str = "hierarchical",
+        subnet: str | Sequence[str] = "hierarchical",
         pos_embed_dim: int = 64,
         clamp: float = 1.9,
         activation: str = "gelu",

@@ -24,7 +24,9 @@ class FlowConfig:
             the paper). Defaults to 4.
         attention (str, optional): Channel attention in the fusion subnets: ``"gca"``, ``"eca"``, ``"se"`` or
             ``"none"``. Defaults to ``"gca"``.
-        subnet (str, optional): ``"hierarchical"`` (H-Flow) or ``"msflow"`` (MSFlow's 3x3-LN-ReLU-3x3).
+        subnet (str | Sequence[str], optional): Coupling subnet of the parallel blocks: ``"hierarchical"`` (H-Flow)
+            or ``"msflow"`` (MSFlow's 3x3-LN-ReLU-3x3), one name for every scale or one per scale, finest first
+            (e.g. ``("hierarchical", "hierarchical", "msflow")``); kept as one name per scale.
             Defaults to ``"hierarchical"``.
         pos_embed_dim (int, optional): Channels of the positional-encoding condition, a multiple of 4.
             Defaults to 64.
@@ -46,7 +48,7 @@ class FlowConfig:
     kernel_size: int = 5
     expansion: int = 4
     attention: str = "gca"
-    subnet: str = "hierarchical"
+    subnet: str | Sequence[str] = "hierarchical"
     pos_embed_dim: int = 64
     clamp: float = 1.9
     activation: str = "gelu"
@@ -54,8 +56,10 @@ class FlowConfig:
     data_init: bool = True
 
     def __post_init__(self) -> None:
-        """Store ``depths`` as a tuple of ints (the CLI gives a list) and reject out-of-range options."""
+        """Store ``depths`` and ``subnet`` as one tuple entry per scale and reject out-of-range options."""
         object.__setattr__(self, "depths", tuple(int(depth) for depth in self.depths))
+        subnets = (self.subnet,) * len(self.depths) if isinstance(self.subnet, str) else tuple(self.subnet)
+        object.__setattr__(self, "subnet", subnets)
         problems = []
         if not self.depths or any(depth < 1 for depth in self.depths):
             problems.append(f"depths must give a positive block count per scale, got {list(self.depths)}")
@@ -65,8 +69,11 @@ class FlowConfig:
             problems.append(f"expansion must be an integer >= 1 (1-4 in the paper), got {self.expansion}")
         if self.attention not in ATTENTIONS:
             problems.append(f"attention must be one of {sorted(ATTENTIONS)}, got {self.attention!r}")
-        if self.subnet not in SUBNETS:
-            problems.append(f"subnet must be one of {list(SUBNETS)}, got {self.subnet!r}")
+        if len(subnets) != len(self.depths) or any(name not in SUBNETS for name in subnets):
+            problems.append(
+                f"subnet must be one of {list(SUBNETS)} or a list of them with one per scale ({len(self.depths)} "
+                f"scales), got {list(subnets)}"
+            )
         if self.pos_embed_dim < 4 or self.pos_embed_dim % 4:
             problems.append(f"pos_embed_dim must be a positive multiple of 4, got {self.pos_embed_dim}")
         if not self.clamp > 0:

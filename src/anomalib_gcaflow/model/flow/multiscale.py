@@ -37,22 +37,20 @@ class MultiScaleFlow(ShapePreservingModule):
         super().__init__([(c,) for c in channels])
         self.channels = channels
         self.config = config
-        if config.subnet == "hierarchical":
-            subnet_constructor = partial(
+        subnet_constructors = {
+            "hierarchical": partial(
                 HierarchicalSubnet,
                 pos_channels=config.pos_embed_dim,
                 kernel_size=config.kernel_size,
                 expansion=config.expansion,
                 activation=config.activation,
                 fold_positional=config.fold_positional,
-            )
-        else:
-            subnet_constructor = partial(
-                MSFlowSubnet, pos_channels=config.pos_embed_dim, fold_positional=config.fold_positional
-            )
+            ),
+            "msflow": partial(MSFlowSubnet, pos_channels=config.pos_embed_dim, fold_positional=config.fold_positional),
+        }
         self.stacks = nn.ModuleList(
-            nn.ModuleList(HFlowBlock(c, subnet_constructor, config.clamp) for _ in range(depth))
-            for c, depth in zip(channels, config.depths, strict=True)
+            nn.ModuleList(HFlowBlock(c, subnet_constructors[subnet], config.clamp) for _ in range(depth))
+            for c, depth, subnet in zip(channels, config.depths, config.subnet, strict=True)
         )
         self.permutations = nn.ModuleList(ChannelPermutation(c) for c in channels)
         self.fusion = FusionAttnFlow(channels, attention=config.attention, clamp=config.clamp)
