@@ -65,6 +65,7 @@ _VARIANTS = (
         "gcaflow_coarse_msflow",
         "GCAFlow, MSFlow's subnet on the coarsest scale",
         {"subnet": ("hierarchical", "hierarchical", "msflow")},
+        ("coarse_msflow.yaml",),
         in_accuracy_grid=False,
     ),
     Variant("gcaflow_se", "GCAFlow, SE attention", {"attention": "se"}, ("attention_se.yaml",)),

@@ -69,8 +69,11 @@ def _assert_exact(module: nn.Module, inputs: list[torch.Tensor]) -> None:
     assert abs(log_det[0].item()) > 1e-3  # a log-det of ~0 would make the comparison vacuous
 
 
-@pytest.mark.parametrize(("attention", "subnet"), [("gca", "hierarchical"), ("se", "msflow"), ("eca", "hierarchical")])
-def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(attention: str, subnet: str) -> None:
+@pytest.mark.parametrize(
+    ("attention", "subnet"),
+    [("gca", "hierarchical"), ("se", "msflow"), ("eca", "hierarchical"), ("gca", ("hierarchical", "msflow", "msflow"))],
+)
+def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(attention: str, subnet: str | tuple[str]) -> None:
     torch.manual_seed(0)
     flow = _perturb(
         MultiScaleFlow(
@@ -123,6 +126,24 @@ def test_paper_parameter_counts() -> None:
     assert trainable(MultiScaleFlow((256, 512, 1024))) == 136_202_636 + 2 * (256 + 512 + 1024)
 
 
+def test_subnet_per_scale_builds_each_scale_as_its_uniform_flow_would() -> None:
+    """A per-scale list gives every scale exactly the stack that the same name for all scales gives it."""
+
+    def stack_shapes(flow: MultiScaleFlow, scale: int) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in flow.stacks[scale].parameters()]
+
+    channels, depths = (8, 8, 16), (1, 2, 1)
+    per_scale = ("msflow", "hierarchical", "msflow")
+    mixed = MultiScaleFlow(channels, FlowConfig(depths=depths, pos_embed_dim=4, subnet=list(per_scale)))
+    assert mixed.config.subnet == per_scale
+    uniform = {
+        name: MultiScaleFlow(channels, FlowConfig(depths=depths, pos_embed_dim=4, subnet=name)) for name in per_scale
+    }
+    for scale, name in enumerate(per_scale):
+        assert stack_shapes(mixed, scale) == stack_shapes(uniform[name], scale), scale
+    assert stack_shapes(mixed, 0) != stack_shapes(uniform["hierarchical"], 0)  # the two subnets differ in shape
+
+
 def test_attention_switch_changes_only_the_fusion_subnets() -> None:
     def shapes(flow: MultiScaleFlow) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in flow.named_parameters()}
@@ -173,6 +194,7 @@ def test_invalid_configuration_is_rejected_with_the_setting_named() -> None:
         "attention": {"attention": "cbam"},
         "depths": {"depths": (2, 5)},
         "subnet": {"subnet": "resnet"},
+        "subnet must be one of .* one per scale": {"subnet": ("msflow", "hierarchical")},
         "pos_embed_dim": {"pos_embed_dim": 10},
     }
     for setting, kwargs in cases.items():
