@@ -85,7 +85,7 @@ def _fusion_attention_types(model: nn.Module) -> set[type]:
 def _built_value(model: nn.Module, key: str) -> Any:
     """What the BUILT model has for an ablation key, read from its modules (not from its hyper-parameters)."""
     from anomalib_gcaflow.model.flow.attention import ATTENTIONS
-    from anomalib_gcaflow.model.flow.subnets import MSFlowSubnet
+    from anomalib_gcaflow.model.flow.subnets import HierarchicalSubnet, MSFlowSubnet
 
     if key == "kernel_size":
         return {subnet[0].weight_x.shape[-1] for subnet in _hierarchical_subnets(model)}
@@ -95,9 +95,9 @@ def _built_value(model: nn.Module, key: str) -> Any:
         names = {cls: name for name, cls in ATTENTIONS.items() if cls is not None}
         return {names.get(t, "none") for t in _fusion_attention_types(model)}
     if key == "subnet":
-        has_msflow = any(isinstance(m, MSFlowSubnet) for m in model.modules())
-        has_hierarchical = bool(_hierarchical_subnets(model))
-        return {name for name, present in (("msflow", has_msflow), ("hierarchical", has_hierarchical)) if present}
+        names = {HierarchicalSubnet: "hierarchical", MSFlowSubnet: "msflow"}
+        per_scale = tuple(names[type(block.subnet)] for stack in model.model.flow.stacks for block in stack[:1])
+        return {per_scale[0]} if len(set(per_scale)) == 1 else {per_scale}
     if key == "data_init":
         return {model.model.flow.input_norms is not None}
     if key == "feature_noise":
@@ -176,7 +176,21 @@ def test_ablation_override_lands_in_the_built_model(parse: Any, override: Path) 
     model = _build(cli)
     for key, value in changes.items():
         assert model.hparams[key] == value, key
-        assert _built_value(model, key) == {value}, key
+        assert _built_value(model, key) == {tuple(value) if isinstance(value, list) else value}, key
+
+
+def test_subnet_per_scale_from_the_command_line(parse: Any) -> None:
+    cli, _ = parse(
+        "--config",
+        str(QUICKSTART),
+        "--model.pre_trained",
+        "false",
+        "--model.subnet",
+        "[hierarchical, hierarchical, msflow]",
+    )
+    model = _build(cli)
+    assert list(model.hparams["subnet"]) == ["hierarchical", "hierarchical", "msflow"]
+    assert _built_value(model, "subnet") == {("hierarchical", "hierarchical", "msflow")}
 
 
 def test_own_data_config_is_the_quickstart_recipe() -> None:
@@ -206,6 +220,7 @@ def test_quickstart_config_is_the_offline_cpu_recipe(parse: Any) -> None:
     assert (init_args.lr, init_args.warmup_epochs, init_args.max_epochs) == (1e-3, 0, 5)
     assert init_args.feature_noise == 0.3  # against fitting the training images (convergence_parts, quickstart_bounded)
     assert (init_args.image_score, init_args.pixel_map) == ("standardized", "bounded")  # quickstart_bounded
+    assert list(init_args.subnet) == ["hierarchical", "hierarchical", "msflow"]  # coarse_msflow_recipe
     assert config.trainer.max_epochs == 5
     assert config.trainer.enable_progress_bar is True
     assert [c.class_path for c in config.trainer.callbacks] == ["anomalib_gcaflow.toolkit.RetainFreedMemory"]
