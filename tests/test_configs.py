@@ -96,7 +96,7 @@ def _built_value(model: nn.Module, key: str) -> Any:
         return {names.get(t, "none") for t in _fusion_attention_types(model)}
     if key == "subnet":
         names = {HierarchicalSubnet: "hierarchical", MSFlowSubnet: "msflow"}
-        per_scale = tuple(names[type(block.subnet)] for stack in model.model.flow.stacks for block in stack[:1])
+        per_scale = tuple(names[type(stack[0].subnet)] for stack in model.model.flow.stacks)
         return {per_scale[0]} if len(set(per_scale)) == 1 else {per_scale}
     if key == "data_init":
         return {model.model.flow.input_norms is not None}

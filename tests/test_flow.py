@@ -73,7 +73,9 @@ def _assert_exact(module: nn.Module, inputs: list[torch.Tensor]) -> None:
     ("attention", "subnet"),
     [("gca", "hierarchical"), ("se", "msflow"), ("eca", "hierarchical"), ("gca", ("hierarchical", "msflow", "msflow"))],
 )
-def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(attention: str, subnet: str | tuple[str]) -> None:
+def test_multiscale_flow_is_exactly_invertible_with_exact_log_det(
+    attention: str, subnet: str | tuple[str, ...]
+) -> None:
     torch.manual_seed(0)
     flow = _perturb(
         MultiScaleFlow(
