@@ -189,6 +189,26 @@ def test_positional_folding_equals_concatenation() -> None:
         assert not torch.allclose(first, second)
 
 
+def test_positional_conv_of_a_coupling_half_matches_the_plain_convolution() -> None:
+    # A coupling passes its subnet a strided channel half; on the CPU the module convolves a channels-last copy.
+    torch.manual_seed(0)
+    conv = PositionalConv2d(12, 20, 5, pos_channels=64)
+    whole = torch.randn(3, 24, 9, 7, requires_grad=True)
+    half = whole[:, 12:]
+    out = conv(half)
+    encoding = conv.positional_encoding(half).expand(3, -1, -1, -1)
+    weight = torch.cat((conv.weight_x, conv.weight_pos), dim=1)
+    reference = torch.nn.functional.conv2d(torch.cat((half, encoding), dim=1), weight, conv.bias, padding=2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, reference, atol=1e-5)
+    upstream = torch.randn_like(reference)
+    grads = torch.autograd.grad(out, (whole, conv.weight_x, conv.weight_pos), upstream)
+    reference_grads = torch.autograd.grad(reference, (whole, conv.weight_x, conv.weight_pos), upstream)
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        assert torch.allclose(grad, reference_grad, rtol=1e-4, atol=1e-4)
+    assert grads[0][:, :12].abs().max() == 0
+
+
 def test_invalid_configuration_is_rejected_with_the_setting_named() -> None:
     cases = {
         "kernel_size": {"kernel_size": 4},

@@ -13,6 +13,14 @@ convolution it saves (it is reused because, with a few feature channels against 
 encoding's convolution costs a large share of a no-grad forward); on CUDA it adds one host synchronisation per
 convolution per forward.
 
+On the CPU the input is copied to channels-last memory first. The coupling hands over a channel half of its input,
+a strided NCHW view; oneDNN convolves channels-last input faster, forward and backward, by more than the copy costs
+(measured on an AMX Xeon, 2 threads, fp32, batch 16 of Lite0's features: 5x5 convolutions of the finest scale 11.2
+against 7.5 ms forward + backward, the CPU recipe's training step 268 against 244 ms). The output is channels-last
+too, which the channel LayerNorm after it reads without a copy. Values change by float rounding only (another
+kernel sums in another order). Graph captures (``torch.compile``, export) are left to choose their own layouts, and
+other devices keep the input as it comes (not measured there).
+
 ``torch.compile``, ``torch.export``/ONNX export and TorchScript tracing never see the reuse: while they trace,
 the response is recomputed and nothing is stored, so their graph holds ``conv_x(x) + conv(PE, weight_pos, bias)``
 with the encoding as a constant of the traced feature-map size and no concatenation.
@@ -104,6 +112,8 @@ class PositionalConv2d(nn.Module):
             torch.Tensor: Output ``(B, out_channels, H, W)``.
         """
         if self.fold_positional:
+            if x.device.type == "cpu" and not is_tracing():
+                x = x.contiguous(memory_format=torch.channels_last)
             return F.conv2d(x, self.weight_x, None, padding=self.padding) + self.positional_response(x)
         encoding = self.positional_encoding(x).expand(x.shape[0], -1, -1, -1)
         weight = torch.cat((self.weight_x, self.weight_pos), dim=1)
