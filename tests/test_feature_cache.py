@@ -7,13 +7,14 @@ import logging
 import pickle
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from anomalib.data import Folder
 from anomalib.data.datasets.base import image as anomalib_image_dataset
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
@@ -172,8 +173,12 @@ def _fit(
     cache_features: bool,
     train_augmentations: v2.Transform | None = None,
     num_workers: int = 0,
+    callbacks: list[Callback] | None = None,
 ) -> tuple[GCAFlow, dict[str, torch.Tensor], Folder]:
-    """Train a tiny GCAFlow for two epochs; return it with its flow's initial weights and the data module."""
+    """Train a tiny GCAFlow for two epochs; return it with its flow's initial weights and the data module.
+
+    With ``callbacks``, it also validates after each epoch (and runs Lightning's sanity check first).
+    """
     seed_everything(0)
     model = GCAFlow(
         backbone="tf_efficientnet_lite0",
@@ -211,8 +216,9 @@ def _fit(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+        limit_val_batches=None if callbacks else 0,
+        num_sanity_val_steps=None if callbacks else 0,
+        callbacks=callbacks,
     )
     trainer.fit(model, datamodule=datamodule)
     return model, initial, datamodule
@@ -238,6 +244,35 @@ def test_same_seed_gives_the_same_weights_with_and_without_the_cache(noise_folde
     for name, tensor in cached_state.items():
         assert torch.equal(tensor, uncached_state[name]), name
     assert any(not torch.equal(tensor, initial[name]) for name, tensor in cached_state.items())  # it did train
+
+
+class _ValidationOutputs(Callback):
+    """Keep every validation batch's scores and maps, per epoch."""
+
+    def __init__(self) -> None:
+        self.outputs: list[tuple[bool, torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: GCAFlow, outputs: Any, *args: object) -> None:
+        del pl_module, args
+        self.outputs.append((trainer.sanity_checking, outputs.pred_score.clone(), outputs.anomaly_map.clone()))
+
+
+def test_validation_features_are_cached_within_a_fit_and_validation_is_unchanged(noise_folder: Path) -> None:
+    cached_outputs, uncached_outputs = _ValidationOutputs(), _ValidationOutputs()
+    cached, _, datamodule = _fit(noise_folder, cache_features=True, callbacks=[cached_outputs])
+    _fit(noise_folder, cache_features=False, callbacks=[uncached_outputs])
+    validation_images = len(datamodule.val_data)
+    assert validation_images > 0
+    # Training: 8 misses then 8 hits; validation: the sanity check runs uncached, epoch 1 fills, epoch 2 hits.
+    assert (cached.feature_cache.misses, cached.feature_cache.hits) == (8 + validation_images, 8 + validation_images)
+    assert len(cached.feature_cache) == 0
+    assert [sanity for sanity, _, _ in cached_outputs.outputs] == [sanity for sanity, _, _ in uncached_outputs.outputs]
+    assert sum(not sanity for sanity, _, _ in cached_outputs.outputs) == 2  # one batch per epoch
+    for (_, score, anomaly_map), (_, reference_score, reference_map) in zip(
+        cached_outputs.outputs, uncached_outputs.outputs, strict=True
+    ):
+        assert torch.equal(score, reference_score)
+        assert torch.equal(anomaly_map, reference_map)
 
 
 def test_cache_is_off_when_training_augmentations_are_random(

@@ -42,7 +42,8 @@ from anomalib_gcaflow.toolkit.feature_cache import (
     FeatureCache,
     feature_fingerprint,
     is_deterministic,
-    training_transforms,
+    stage_transforms,
+    transforms_digest,
 )
 
 PAPER_IMAGE_SIZE = (512, 512)
@@ -114,8 +115,8 @@ class GCAFlow(AnomalibModule):
             couplings at the identity); the first epoch then already scores well. ``False``: the paper's
             initialisation. Defaults to ``True``.
         cache_features (bool, optional): Compute each training image's backbone features once and reuse them in
-            later epochs (same results, less work). Turned off automatically for a fit whose training
-            transforms are random. Defaults to ``True``.
+            later epochs (same results, less work), and each validation image's within a fit. Turned off
+            automatically for a fit whose training (validation) transforms are random. Defaults to ``True``.
         feature_cache_bytes (int, optional): CPU memory the feature cache may use; further images spill to a
             temporary folder. Defaults to 2 GiB.
         compile_flow (bool, optional): Run the flow through ``torch.compile`` inside trainer runs, with static
@@ -200,6 +201,8 @@ class GCAFlow(AnomalibModule):
         # A plain attribute, not a buffer: cached features never reach a checkpoint or an export.
         self.feature_cache = FeatureCache(feature_cache_bytes) if cache_features else None
         self._use_feature_cache = False
+        # Key prefix of this fit's validation features; None while they are not cached.
+        self._validation_cache_prefix: str | None = None
 
     @classmethod
     def configure_pre_processor(
@@ -285,7 +288,9 @@ class GCAFlow(AnomalibModule):
             STEP_OUTPUT: The batch with ``pred_score`` and ``anomaly_map`` filled in.
         """
         del args, kwargs
-        predictions = self.model(batch.image)
+        prefix = self._validation_cache_prefix
+        features = None if prefix is None else self._cached_features(batch, prefix)
+        predictions = self.model(batch.image, features=features)
         return batch.update(**predictions._asdict())
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[LambdaLR]]:
@@ -333,11 +338,13 @@ class GCAFlow(AnomalibModule):
             gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def _cached_features(self, batch: Batch) -> list[torch.Tensor] | None:
+    def _cached_features(self, batch: Batch, key_prefix: str = "") -> list[torch.Tensor] | None:
         """Serve the batch's features from the cache, or ``None`` to let the model run its backbone.
 
         Args:
-            batch (Batch): The pre-processed training batch.
+            batch (Batch): The pre-processed batch.
+            key_prefix (str, optional): Prepended to each image path to form its key (validation features are
+                kept apart from training features). Defaults to ``""`` (training).
 
         Returns:
             list[torch.Tensor] | None: Pooled features per scale, or ``None`` when the cache is off or the batch
@@ -346,8 +353,8 @@ class GCAFlow(AnomalibModule):
         if not self._use_feature_cache or batch.image_path is None:
             return None
         # The path alone is the key: everything else that shapes the features, input size included, is in the
-        # fingerprint the cache is bound to.
-        keys = [str(path) for path in batch.image_path]
+        # fingerprint the cache is bound to (and, for validation, in the prefix).
+        keys = [key_prefix + str(path) for path in batch.image_path]
         return self.feature_cache.features(keys, batch.image, self.model.extract_features)
 
     def on_fit_start(self) -> None:
@@ -362,7 +369,7 @@ class GCAFlow(AnomalibModule):
         self._use_feature_cache = False
         if self.feature_cache is None:
             return
-        transforms = training_transforms(self.trainer)
+        transforms = stage_transforms(self.trainer, "train")
         if self.pre_processor is not None and self.pre_processor.transform is not None:
             transforms.append(self.pre_processor.transform)
         random = [transform for transform in transforms if not is_deterministic(transform)]
@@ -384,6 +391,17 @@ class GCAFlow(AnomalibModule):
             logger.info("GCAFlow feature cache emptied: backbone, input size or pre-processing changed.")
         self._use_feature_cache = True
 
+    def on_validation_start(self) -> None:
+        """Cache this fit's validation features too, unless a validation transform is random."""
+        self._validation_cache_prefix = None
+        if not self._use_feature_cache or self.trainer.sanity_checking:
+            return
+        transforms = stage_transforms(self.trainer, "val")
+        if all(is_deterministic(transform) for transform in transforms):
+            # The training fingerprint covers the backbone, pre-processing and precision; the prefix adds the
+            # validation transforms, so features made under other ones are never served.
+            self._validation_cache_prefix = f"val:{transforms_digest(transforms)}:"
+
     def on_train_end(self) -> None:
         """Free the cached features: evaluation and export never read them."""
         if self.feature_cache is not None and self._use_feature_cache:
@@ -398,6 +416,7 @@ class GCAFlow(AnomalibModule):
             )
             cache.clear()
         self._use_feature_cache = False
+        self._validation_cache_prefix = None
 
     def setup(self, stage: str) -> None:
         """Compile the flow for this trainer run when ``compile_flow`` is set.

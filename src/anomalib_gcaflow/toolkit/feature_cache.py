@@ -1,4 +1,4 @@
-"""Training feature cache: each training image's pooled backbone features are computed once and reused.
+"""Training feature cache: each training (and validation) image's pooled backbone features are computed once and reused.
 
 The backbone is frozen and, without random augmentation, the training pre-processing is deterministic, so an
 image gives the same flow inputs in every epoch. Flow models nevertheless re-run the backbone for every image in
@@ -12,6 +12,10 @@ every epoch; this cache runs it once per image and serves the stored features af
 * The cache never travels with the model: pickling (``export --export_type torch``, DDP spawn, deep copies)
   keeps the settings and drops the entries, and nothing is registered as a buffer, so checkpoints hold none.
 * Under DDP every process owns its module and therefore its own cache of the images its sampler gives it.
+
+Validation inside a fit (anomalib validates after every epoch by default) runs the same frozen backbone on the same
+validation images every time; their features are cached too, under keys that name the validation transforms, and
+dropped with the rest when training ends.
 
 Once an image's features are cached, reading it again is the next waste: decoding the file, building its mask and
 resizing both cost more, per cached epoch, than a quarter of GCAFlow's training step on a CPU.
@@ -42,7 +46,8 @@ __all__ = [
     "FeatureCache",
     "feature_fingerprint",
     "is_deterministic",
-    "training_transforms",
+    "stage_transforms",
+    "transforms_digest",
 ]
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3
@@ -82,20 +87,28 @@ def is_deterministic(transform: Any) -> bool:  # noqa: ANN401 - any torchvision 
     return isinstance(transform, _DETERMINISTIC_TRANSFORMS)
 
 
-def training_transforms(trainer: Trainer) -> list[Any]:
-    """Collect every transform applied to training images before they reach the model's pre-processor.
+def stage_transforms(trainer: Trainer, stage: str = "train") -> list[Any]:
+    """Collect every transform applied to a stage's images before they reach the model's pre-processor.
 
-    These are the datamodule's ``train_augmentations`` and the ``augmentations`` of each training dataset
-    (anomalib appends the model's resize to the latter).
+    These are the datamodule's ``train_augmentations`` (``val_augmentations``) and the ``augmentations`` of each
+    training (validation) dataset (anomalib appends the model's resize to the latter).
 
     Args:
-        trainer (Trainer): A trainer inside ``fit``, after its training dataloaders are set up.
+        trainer (Trainer): A trainer inside ``fit``, after the stage's dataloaders are set up.
+        stage (str, optional): ``"train"`` or ``"val"``. Defaults to ``"train"``.
 
     Returns:
         list[Any]: The transforms found, ``None`` entries left out.
+
+    Raises:
+        ValueError: If ``stage`` is neither ``"train"`` nor ``"val"``.
     """
-    transforms = [getattr(trainer.datamodule, "train_augmentations", None)]
-    transforms += [getattr(loader.dataset, "augmentations", None) for loader in _dataloaders(trainer.train_dataloader)]
+    if stage not in {"train", "val"}:
+        msg = f"stage must be 'train' or 'val', got {stage!r}"
+        raise ValueError(msg)
+    loaders = trainer.train_dataloader if stage == "train" else trainer.val_dataloaders
+    transforms = [getattr(trainer.datamodule, f"{stage}_augmentations", None)]
+    transforms += [getattr(loader.dataset, "augmentations", None) for loader in _dataloaders(loaders)]
     return [transform for transform in transforms if transform is not None]
 
 
@@ -109,6 +122,18 @@ def _dataloaders(loaders: Any) -> Iterable[DataLoader]:  # noqa: ANN401 - Lightn
     elif isinstance(loaders, list | tuple):
         for loader in loaders:
             yield from _dataloaders(loader)
+
+
+def transforms_digest(transforms: Sequence[Any]) -> str:
+    """Digest a list of transforms by their ``repr`` (which holds sizes, interpolation and normalisation statistics).
+
+    Args:
+        transforms (Sequence[Any]): Transforms, e.g. from :func:`stage_transforms`.
+
+    Returns:
+        str: A short hex digest.
+    """
+    return hashlib.sha256(repr([repr(transform) for transform in transforms]).encode()).hexdigest()[:16]
 
 
 def feature_fingerprint(backbone: nn.Module, pooling: nn.Module, transforms: Sequence[Any], precision: str) -> str:
