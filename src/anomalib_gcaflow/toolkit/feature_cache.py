@@ -152,7 +152,7 @@ def feature_fingerprint(backbone: nn.Module, pooling: nn.Module, transforms: Seq
     """
     digest = hashlib.sha256()
     description = (type(backbone).__qualname__, getattr(backbone, "name", None), repr(pooling), precision)
-    digest.update(repr((description, [repr(transform) for transform in transforms])).encode())
+    digest.update(repr((description, transforms_digest(transforms))).encode())
     for name, tensor in backbone.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
