@@ -133,6 +133,12 @@ def test_non_finite_batch_names_the_images() -> None:
     check_finite_images(ImageBatch(image=torch.zeros(1, 3, 8, 8), image_path=["a.png"]))
 
 
+def test_finite_batch_whose_sum_overflows_passes() -> None:
+    images = torch.full((2, 3, 8, 8), 3e38)  # every pixel finite, their float32 sum is not
+    assert not torch.isfinite(images.sum())
+    check_finite_images(ImageBatch(image=images, image_path=["a.png", "b.png"]))
+
+
 @pytest.mark.slow
 def test_bad_files_stop_fit_before_the_first_step(folder: Path, tmp_path: Path) -> None:
     _truncate(folder / "good" / "005.png")
