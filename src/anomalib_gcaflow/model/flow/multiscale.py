@@ -1,7 +1,6 @@
 """MultiScaleFlow: asymmetric parallel H-Flow stacks, one per scale, followed by FusionAttnFlow."""
 
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from anomalib_gcaflow.model.flow.fusion import FusionAttnFlow
 from anomalib_gcaflow.model.flow.hflow import HFlowBlock
 from anomalib_gcaflow.model.flow.invertible import ShapePreservingModule
 from anomalib_gcaflow.model.flow.permutation import ChannelPermutation
-from anomalib_gcaflow.model.flow.subnets import HierarchicalSubnet, MSFlowSubnet
+from anomalib_gcaflow.model.flow.subnets import SUBNETS
 
 
 class MultiScaleFlow(ShapePreservingModule):
@@ -37,19 +36,8 @@ class MultiScaleFlow(ShapePreservingModule):
         super().__init__([(c,) for c in channels])
         self.channels = channels
         self.config = config
-        subnet_constructors = {
-            "hierarchical": partial(
-                HierarchicalSubnet,
-                pos_channels=config.pos_embed_dim,
-                kernel_size=config.kernel_size,
-                expansion=config.expansion,
-                activation=config.activation,
-                fold_positional=config.fold_positional,
-            ),
-            "msflow": partial(MSFlowSubnet, pos_channels=config.pos_embed_dim, fold_positional=config.fold_positional),
-        }
         self.stacks = nn.ModuleList(
-            nn.ModuleList(HFlowBlock(c, subnet_constructors[subnet], config.clamp) for _ in range(depth))
+            nn.ModuleList(HFlowBlock(c, SUBNETS[subnet].constructor(config), config.clamp) for _ in range(depth))
             for c, depth, subnet in zip(channels, config.depths, config.subnet, strict=True)
         )
         self.permutations = nn.ModuleList(ChannelPermutation(c) for c in channels)

@@ -4,13 +4,21 @@ Both see the passive half of a block's input together with the positional encodi
 shift of the active half. Both start with a convolution over ``[x; PE]``, which :class:`PositionalConv2d` folds.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from anomalib_gcaflow.model.flow.norm import ChannelLayerNorm
 from anomalib_gcaflow.model.flow.positional_conv import PositionalConv2d
 
+if TYPE_CHECKING:  # config.py imports this module to validate names
+    from anomalib_gcaflow.model.flow.config import FlowConfig
+
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
-SUBNETS = ("hierarchical", "msflow")
 
 
 class HierarchicalSubnet(nn.Sequential):
@@ -48,6 +56,25 @@ class HierarchicalSubnet(nn.Sequential):
             nn.Conv2d(expansion * width, out_channels, 1),
         )
 
+    @classmethod
+    def constructor(cls, config: FlowConfig) -> Callable[[int, int], nn.Module]:
+        """Bind the flow's options, leaving ``(in_channels, out_channels)`` for the coupling block to give.
+
+        Args:
+            config (FlowConfig): The flow's options.
+
+        Returns:
+            Callable[[int, int], nn.Module]: The subnet constructor.
+        """
+        return partial(
+            cls,
+            pos_channels=config.pos_embed_dim,
+            kernel_size=config.kernel_size,
+            expansion=config.expansion,
+            activation=config.activation,
+            fold_positional=config.fold_positional,
+        )
+
 
 class MSFlowSubnet(nn.Sequential):
     """MSFlow's subnet: 3x3 conv -> channel LayerNorm -> ReLU -> 3x3 conv, over ``[x_a; PE]``.
@@ -67,3 +94,21 @@ class MSFlowSubnet(nn.Sequential):
             nn.ReLU(),
             nn.Conv2d(width, out_channels, 3, padding=1),
         )
+
+    @classmethod
+    def constructor(cls, config: FlowConfig) -> Callable[[int, int], nn.Module]:
+        """Bind the flow's options, leaving ``(in_channels, out_channels)`` for the coupling block to give.
+
+        Args:
+            config (FlowConfig): The flow's options (kernel, expansion and activation are the H-Flow subnet's).
+
+        Returns:
+            Callable[[int, int], nn.Module]: The subnet constructor.
+        """
+        return partial(cls, pos_channels=config.pos_embed_dim, fold_positional=config.fold_positional)
+
+
+SUBNETS: dict[str, type[HierarchicalSubnet | MSFlowSubnet]] = {
+    "hierarchical": HierarchicalSubnet,
+    "msflow": MSFlowSubnet,
+}
