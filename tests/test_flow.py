@@ -15,6 +15,7 @@ from anomalib_gcaflow.model.flow import (
     HFlowBlock,
     HierarchicalSubnet,
     MultiScaleFlow,
+    PointwiseConv2d,
     PositionalConv2d,
     eca_kernel_size,
     positional_encoding_2d,
@@ -207,6 +208,34 @@ def test_positional_conv_of_a_coupling_half_matches_the_plain_convolution() -> N
     for grad, reference_grad in zip(grads, reference_grads, strict=True):
         assert torch.allclose(grad, reference_grad, rtol=1e-4, atol=1e-4)
     assert grads[0][:, :12].abs().max() == 0
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_conv_matches_the_convolution_and_loads_its_weights(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    reference = nn.Conv2d(40, 6, 1)
+    pointwise = PointwiseConv2d(40, 6)
+    pointwise.load_state_dict(reference.state_dict())  # same keys and shapes as nn.Conv2d
+    x = torch.randn(3, 40, 9, 7)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    out, expected = pointwise(x), reference(x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, (x, pointwise.weight, pointwise.bias), upstream)
+    reference_grads = torch.autograd.grad(expected, (x, reference.weight, reference.bias), upstream)
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        assert grad.shape == reference_grad.shape
+        assert torch.allclose(grad, reference_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_pointwise_conv_is_a_convolution_in_traced_graphs() -> None:
+    pointwise = PointwiseConv2d(8, 4).eval()
+    x = torch.randn(1, 8, 5, 5)
+    graph = torch.jit.trace(pointwise, x).inlined_graph
+    assert "aten::_convolution" in str(graph)
+    assert "aten::linear" not in str(graph)
+    assert torch.allclose(torch.jit.trace(pointwise, x)(x), pointwise(x), atol=1e-5)
 
 
 def test_invalid_configuration_is_rejected_with_the_setting_named() -> None:

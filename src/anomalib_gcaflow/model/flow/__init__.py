@@ -12,6 +12,7 @@ from anomalib_gcaflow.model.flow.fusion import FusionAttnFlow, FusionSubnet
 from anomalib_gcaflow.model.flow.hflow import HFlowBlock
 from anomalib_gcaflow.model.flow.multiscale import MultiScaleFlow
 from anomalib_gcaflow.model.flow.permutation import ChannelPermutation
+from anomalib_gcaflow.model.flow.pointwise_conv import PointwiseConv2d
 from anomalib_gcaflow.model.flow.positional import positional_encoding_2d
 from anomalib_gcaflow.model.flow.positional_conv import PositionalConv2d
 from anomalib_gcaflow.model.flow.subnets import HierarchicalSubnet, MSFlowSubnet
@@ -27,6 +28,7 @@ __all__ = [
     "HierarchicalSubnet",
     "MSFlowSubnet",
     "MultiScaleFlow",
+    "PointwiseConv2d",
     "PositionalConv2d",
     "SqueezeExcitation",
     "build_channel_attention",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from anomalib_gcaflow.model.flow.norm import ChannelLayerNorm
+from anomalib_gcaflow.model.flow.pointwise_conv import PointwiseConv2d
 from anomalib_gcaflow.model.flow.positional_conv import PositionalConv2d
 
 if TYPE_CHECKING:  # config.py imports this module to validate names
@@ -53,7 +54,7 @@ class HierarchicalSubnet(nn.Sequential):
             ChannelLayerNorm(width),
             nn.Conv2d(width, expansion * width, 1),
             ACTIVATIONS[activation](),
-            nn.Conv2d(expansion * width, out_channels, 1),
+            PointwiseConv2d(expansion * width, out_channels),
         )
 
     @classmethod
