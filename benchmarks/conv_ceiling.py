@@ -2,8 +2,10 @@
 
 A training step of the flow is recorded once at the ATen level; every convolution it dispatched (forward
 ``aten.convolution`` and backward ``aten.convolution_backward``, with the step's own shapes, strides, dtypes and
-memory layouts) is then replayed alone on fresh random tensors and timed. The sum over the step's calls is the time
-its convolutions need by themselves; the step's measured time minus that sum is everything else (element-wise work,
+memory layouts) is then replayed alone on fresh random tensors and timed. So is every 2-D matrix product
+(``aten.mm``, ``aten.addmm``): on the CPU the H-Flow subnet's 1x1 output projection runs as one
+(``PointwiseConv2d``), so it is a convolution computed another way. The sum over the step's calls is the time its
+convolutions need by themselves; the step's measured time minus that sum is everything else (element-wise work,
 copies, normalisation, reductions, framework overhead).
 """
 
@@ -21,6 +23,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.timing import measure_seconds
 
 CONVOLUTION_OPS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+MATRIX_PRODUCT_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+# Each op's kind and where its data operand sits (the weight follows it): convolution_backward(grad_output, input,
+# weight, ...), convolution(input, weight, ...), mm(a, b), addmm(bias, a, b).
+_KINDS = {
+    torch.ops.aten.convolution_backward.default: ("backward", 1),
+    torch.ops.aten.convolution.default: ("forward", 0),
+    torch.ops.aten.mm.default: ("matrix product", 0),
+    torch.ops.aten.addmm.default: ("matrix product", 1),
+}
 
 
 def _spec(value: object) -> object:
@@ -46,7 +57,7 @@ def _build(spec: object, generator: torch.Generator) -> object:
 
 
 class ConvolutionRecorder(TorchDispatchMode):
-    """Count every convolution (forward and backward) dispatched while active, by op and argument description."""
+    """Count every convolution (forward, backward) and matrix product dispatched while active, by op and arguments."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,7 +77,7 @@ class ConvolutionRecorder(TorchDispatchMode):
         """
         del types
         kwargs = kwargs or {}
-        if func in CONVOLUTION_OPS and not kwargs:
+        if func in CONVOLUTION_OPS + MATRIX_PRODUCT_OPS and not kwargs:
             self.calls[(func, _spec(args))] += 1
         return func(*args, **kwargs)
 
@@ -98,11 +109,10 @@ def convolution_ceiling(
             func(*args)
         seconds = statistics.median(measure_seconds(lambda func=func, args=args: func(*args), repeats, 1, device))
         gflop = counter.get_total_flops() / 1e9
-        backward = func is torch.ops.aten.convolution_backward.default
-        # convolution_backward(grad_output, input, weight, ...); convolution(input, weight, ...)
-        data, weight = (spec[1], spec[2]) if backward else (spec[0], spec[1])
+        kind, data_index = _KINDS[func]
+        data, weight = spec[data_index], spec[data_index + 1]
         rows.append({
-            "kind": "backward" if backward else "forward",
+            "kind": kind,
             "input_shape": list(data[1]),
             "weight_shape": list(weight[1]),
             "dtype": str(data[2]).removeprefix("torch."),

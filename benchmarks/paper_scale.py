@@ -296,7 +296,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
 
 def _ceiling_lines(results: dict[str, Any]) -> list[str]:
-    """The convolutions of each measured training step timed alone, and what the rest of the step costs."""
+    """The convolutions and matrix products of each measured training step timed alone, and what the rest costs."""
     lines = []
     for name, measured in results["models"].items():
         for row in measured["rows"]:
@@ -304,10 +304,10 @@ def _ceiling_lines(results: dict[str, Any]) -> list[str]:
             if ceiling is None:
                 continue
             lines += [
-                f"## {name} training step, {row['precision']}: its convolutions alone",
+                f"## {name} training step, {row['precision']}: its convolutions and matrix products alone",
                 "",
                 f"Step {row['ms_median']:.0f} ms; its {sum(c['calls_per_step'] for c in ceiling['convolutions'])} "
-                f"convolution calls alone {ceiling['conv_ms_per_step']:.0f} ms "
+                f"convolution and matrix-product calls alone {ceiling['conv_ms_per_step']:.0f} ms "
                 f"({ceiling['conv_gflops']:.1f} GFLOP/s, "
                 f"{100 * ceiling['conv_gflops'] / results['machine_peak']['peak_by_precision'][row['precision']]:.0f} "
                 f"% of peak); everything else {row['non_conv_ms']:.0f} ms (a 'strided' input is replayed "

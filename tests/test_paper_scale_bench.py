@@ -56,5 +56,6 @@ def test_quick_paper_scale_run_is_consistent(tmp_path: Path) -> None:
         assert (ceiling is None) == row["channels_last"]
         if ceiling is not None:
             assert 0.9 < ceiling["conv_gflop_per_step"] / row["gflop_per_batch"] <= 1 + 1e-6
-            assert {c["kind"] for c in ceiling["convolutions"]} == {"forward", "backward"}
+            # The H-Flow subnet's output projection runs as matrix products on the CPU (PointwiseConv2d).
+            assert {c["kind"] for c in ceiling["convolutions"]} == {"forward", "backward", "matrix product"}
             assert math.isclose(row["non_conv_ms"], row["ms_median"] - ceiling["conv_ms_per_step"])
