@@ -232,10 +232,11 @@ def test_pointwise_conv_matches_the_convolution_and_loads_its_weights(channels_l
 def test_pointwise_conv_is_a_convolution_in_traced_graphs() -> None:
     pointwise = PointwiseConv2d(8, 4).eval()
     x = torch.randn(1, 8, 5, 5)
-    graph = torch.jit.trace(pointwise, x).inlined_graph
-    assert "aten::_convolution" in str(graph)
-    assert "aten::linear" not in str(graph)
-    assert torch.allclose(torch.jit.trace(pointwise, x)(x), pointwise(x), atol=1e-5)
+    traced = torch.jit.trace(pointwise, x)
+    graph = str(traced.inlined_graph)
+    assert "aten::_convolution" in graph
+    assert "aten::linear" not in graph
+    assert torch.allclose(traced(x), pointwise(x), atol=1e-5)
 
 
 def test_invalid_configuration_is_rejected_with_the_setting_named() -> None:
